@@ -1,0 +1,270 @@
+"""The cutana configuration: defaults, validation and TOML persistence.
+
+One JSON schema (``workflow/schemas/config.schema.yaml``) defines every key, its default and its
+allowed range. The Snakemake workflow and the Python API both validate through
+:func:`validate_config`, so ``config/config.yaml``, ``--config`` and ``get_default_config()`` share
+one vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import tomllib
+import warnings
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import tomli_w
+import yaml
+from dotmap import DotMap
+
+from .exceptions import ConfigValidationError
+from .paths import config_schema_path
+
+logger = logging.getLogger(__name__)
+
+#: Default transition parameter ``a`` of the stretches, used when the user leaves ``a`` unset.
+DEFAULT_STRETCH_A = {"asinh": 0.7, "log": 1000.0}
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    """Return the config JSON schema (parsed once)."""
+    with open(config_schema_path(), encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _defaults_from_schema(schema: Mapping) -> Any:
+    if schema.get("type") == "object" and "properties" in schema:
+        base = copy.deepcopy(schema.get("default", {}))
+        for key, sub in schema["properties"].items():
+            value = _defaults_from_schema(sub)
+            if key not in base and (value is not None or "default" in sub):
+                base[key] = value
+        return base
+    return copy.deepcopy(schema.get("default"))
+
+
+def default_config_dict() -> dict:
+    """Every key with its default value, as a plain nested dict."""
+    return _defaults_from_schema(load_schema())
+
+
+def to_plain(config: Mapping | DotMap) -> dict:
+    """Convert a DotMap (or nested mapping) to plain dicts and lists, dropping empty DotMaps that
+    attribute access created by accident."""
+    if isinstance(config, DotMap):
+        config = config.toDict()
+
+    def clean(value):
+        if isinstance(value, Mapping):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(config)
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "channel_weights":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _unknown_keys(config: Mapping, schema: Mapping, prefix: str = "") -> list[str]:
+    unknown = []
+    props = schema.get("properties")
+    if props is None or "additionalProperties" in schema:
+        return unknown
+    for key, value in config.items():
+        if key not in props:
+            unknown.append(prefix + key)
+        elif isinstance(value, Mapping):
+            unknown.extend(_unknown_keys(value, props[key], prefix + key + "."))
+    return unknown
+
+
+def _describe_error(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    schema = error.schema
+    allowed = []
+    if "enum" in schema:
+        allowed.append("one of " + ", ".join(repr(v) for v in schema["enum"]))
+    if "minimum" in schema or "maximum" in schema:
+        allowed.append(f"a value in [{schema.get('minimum', '-inf')}, {schema.get('maximum', 'inf')}]")
+    if "type" in schema and not allowed:
+        allowed.append(f"of type {schema['type']}")
+    hint = f"; allowed: {' and '.join(allowed)}" if allowed else ""
+    return f"config key '{key}' = {error.instance!r} is invalid: {error.message}{hint}"
+
+
+def validate_config(config: Mapping | DotMap, warn_unknown: bool = True) -> dict:
+    """Validate ``config`` against the schema, fill defaults and check cross-key rules.
+
+    Parameters
+    ----------
+    config : mapping or DotMap
+        A full or partial configuration; missing keys get their defaults.
+    warn_unknown : bool
+        Emit a warning for keys the schema does not know (they are kept, as upstream does).
+
+    Returns
+    -------
+    dict
+        The complete, validated configuration as plain dicts.
+
+    Raises
+    ------
+    ConfigValidationError
+        Naming every bad key, its value and the allowed values or range.
+    """
+    merged = _merge(default_config_dict(), to_plain(config))
+    schema = load_schema()
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(merged), key=lambda e: list(e.path)
+    )
+    messages = [_describe_error(e) for e in errors]
+    messages.extend(_cross_key_errors(merged))
+    if messages:
+        raise ConfigValidationError(
+            "Invalid cutana configuration:\n  - " + "\n  - ".join(messages)
+        )
+    if warn_unknown:
+        for key in _unknown_keys(merged, schema):
+            warnings.warn(
+                f"Unknown config key '{key}' is ignored (check its spelling against "
+                "config/README.md)",
+                UserWarning,
+                stacklevel=2,
+            )
+    return merged
+
+
+def _cross_key_errors(config: dict) -> list[str]:
+    errors = []
+    weights = config.get("channel_weights") or {}
+    lengths = {len(v) for v in weights.values() if isinstance(v, list)}
+    if len(lengths) > 1:
+        errors.append(
+            "config key 'channel_weights' has lists of different lengths "
+            f"{ {k: len(v) for k, v in weights.items()} }: give every band one weight per "
+            "output channel"
+        )
+    n_ext = len(config.get("fits_extensions") or [])
+    if weights and n_ext not in (1, len(weights)):
+        errors.append(
+            f"config key 'fits_extensions' has {n_ext} entries but channel_weights has "
+            f"{len(weights)} bands: give one extension for all bands or one per band"
+        )
+    norm = config.get("normalisation") or {}
+    if norm.get("crop_enable"):
+        for key in ("crop_width", "crop_height"):
+            value = norm.get(key)
+            if value is None or not 1 <= value <= config["target_resolution"]:
+                errors.append(
+                    f"config key 'normalisation.{key}' = {value!r} is invalid with crop_enable: "
+                    f"give an integer in [1, target_resolution={config['target_resolution']}]"
+                )
+    if config.get("normalisation_method") == "none" and config.get("data_type") == "uint8":
+        # Allowed: documented in SPEC §6 as linear min-max; nothing to report.
+        pass
+    return errors
+
+
+def stretch_a(config: Mapping) -> float | None:
+    """The effective transition parameter ``a``: the user's value or the method's default."""
+    method = config["normalisation_method"]
+    value = config["normalisation"].get("a")
+    if value is None:
+        return DEFAULT_STRETCH_A.get(method)
+    return float(value)
+
+
+def n_bands(config: Mapping) -> int:
+    return len(config["channel_weights"])
+
+
+def band_extensions(config: Mapping) -> list[str | int]:
+    """The HDU (name or index) to read for each band, in band order."""
+    exts = list(config["fits_extensions"])
+    bands = list(config["channel_weights"])
+    return exts * len(bands) if len(exts) == 1 else exts
+
+
+def config_hash(config: Mapping) -> str:
+    """A stable short hash of the settings that change the pixels (not paths or log levels)."""
+    plain = to_plain(config)
+    ignored = {
+        "name", "log_level", "console_log_level", "output_dir", "max_workers", "ui",
+        "loadbalancer", "tracking_file", "config_file", "available_extensions", "gallery",
+        "max_workflow_time_seconds",
+    }
+    relevant = {k: v for k, v in plain.items() if k not in ignored}
+    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def get_default_config() -> DotMap:
+    """Return the default configuration as a DotMap (upstream Cutana compatible).
+
+    Every key of the upstream configuration table is present with its default, plus cutana's own
+    keys (``fill_value``, ``gallery``, ``memory``, ``demo``).
+    """
+    return DotMap(default_config_dict(), _dynamic=False)
+
+
+def _drop_none(value):
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value if v is not None]
+    return value
+
+
+def save_config_toml(config: Mapping | DotMap, filepath: str | Path) -> str:
+    """Write ``config`` to a TOML file and return its path.
+
+    TOML has no null: keys whose value is ``None`` are omitted and come back as their default
+    (which is ``None`` for every such key) on :func:`load_config_toml`.
+    """
+    path = Path(filepath)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = _drop_none(to_plain(config))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        tomli_w.dump(plain, handle)
+    tmp.replace(path)
+    return str(path)
+
+
+def load_config_toml(filepath: str | Path) -> DotMap:
+    """Read a TOML file written by :func:`save_config_toml` (or by hand), merged with defaults.
+
+    The file is parsed as data only; nothing in it is executed.
+    """
+    with open(filepath, "rb") as handle:
+        data = tomllib.load(handle)
+    return DotMap(_merge(default_config_dict(), data), _dynamic=False)
+
+
+def load_config_file(filepath: str | Path) -> dict:
+    """Read a YAML/JSON/TOML config file as plain data (safe loaders only)."""
+    path = Path(filepath)
+    if path.suffix.lower() == ".toml":
+        return to_plain(load_config_toml(path))
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigValidationError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
