@@ -1,0 +1,55 @@
+# cutana: cut normalised image stamps out of large FITS survey mosaics.
+#
+# Entry point of the workflow (SPEC §1-§3): configuration, validation, includes and the final
+# targets. Every stage lives in its own file under workflow/rules/; common.smk holds the helpers.
+#
+#   snakemake --cores 2                          # the built-in demo survey (config/config.yaml)
+#   snakemake --cores 2 --configfile my.yaml     # your survey; missing keys take their defaults
+#   snakemake --snakefile <pkg>/cutana/_workflow/Snakefile --directory DIR --configfile my.yaml
+
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# The demo configuration is the default only when no --configfile is given: Snakemake merges
+# nested mappings, so loading it under a user's config would mix the demo's channel_weights
+# bands into the user's. Missing keys are filled from the schema defaults instead.
+if not workflow.overwrite_configfiles:
+
+    configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+include: "workflow/rules/common.smk"
+
+
+# Two validators: Snakemake's (schema types and defaults) and cutana's (the same schema plus the
+# cross-key rules; messages name the key, the bad value and the allowed range). The workflow and
+# the Python API thus accept exactly the same configurations.
+coerce_cli_strings(config, load_config_schema())
+validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+config.update(validated_config(config))
+
+PATHS = workflow_paths(config)
+
+
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/catalogue.smk"
+include: "workflow/rules/memory.smk"
+include: "workflow/rules/cutout.smk"
+include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
+
+
+rule all:
+    default_target: True
+    input:
+        PATHS.index,
+        PATHS.summary,
+        PATHS.config_toml,
+        PATHS.gallery_png,
+        PATHS.gallery_html,

@@ -1,0 +1,57 @@
+"""Logging set-up shared by the Snakemake ``script:`` adapters.
+
+Snakemake puts the directory of the running script on ``sys.path``, so the adapters import this
+module by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def logged_step(log_path: str, level_name: str, step: str) -> Iterator[logging.Logger]:
+    """Send Python logging and warnings to the job's log file while one step runs.
+
+    An exception is written to the log with its traceback and then re-raised, so the job fails
+    (non-zero exit) and Snakemake prints the message on the console too.
+
+    Parameters
+    ----------
+    log_path : str
+        The rule's ``log:`` file.
+    level_name : str
+        The config's ``log_level`` (``TRACE`` is mapped to ``DEBUG``).
+    step : str
+        A short name for the log lines.
+
+    Yields
+    ------
+    logging.Logger
+        The logger of the step.
+    """
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    level = getattr(logging, level_name, logging.DEBUG)
+    handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    logger = logging.getLogger(f"cutana.workflow.{step}")
+    started = time.perf_counter()
+    try:
+        yield logger
+    except BaseException:
+        logger.exception("%s failed", step)
+        raise
+    else:
+        logger.info("%s finished in %.2f s", step, time.perf_counter() - started)
+    finally:
+        handler.flush()
+        root.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,444 @@
+"""Memory model of the cutout jobs (SPEC §3.2, §9).
+
+The workflow's ``profile_memory`` checkpoint runs a small sample of the catalogue (the sources
+with the largest stamps, so the estimate errs on the safe side) through the real batch engine in
+a child process, measures its peak resident memory and fits
+
+    mem_mb = base_mb + mb_per_unit x workload,
+    workload = sum over the batch's sources of (S_b^2 summed over bands + T^2 x C),
+
+with S_b the stamp size read from band b, T the target resolution and C the number of output
+channels. The ``cutout_batch`` rule declares ``mem_mb_for_batch(...)`` as its ``mem_mb`` resource,
+so ``--resources mem_mb=X`` (local) and ``--mem`` (SLURM) bound how many batches run at once.
+
+The child process is run as ``python -m cutana.memory_model SAMPLE CONFIG SCRATCH RESULT``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+#: Declared memory (MB) of a cutout job whose batch has no model entry (should not happen in a
+#: normal run: the workflow profiles before it creates cutout jobs).
+FALLBACK_MEM_MB = 4000
+
+#: Lower bound of the fitted slope (MB per workload unit): a float32 stamp, its validity mask and
+#: its float32 output cost at least ~6 bytes per unit; a noisy measurement must not go below.
+MIN_MB_PER_UNIT = 6.0 / 2**20
+
+#: Number of sources of the warm-up run that measures the fixed cost (imports, codecs, caches).
+WARMUP_SOURCES = 2
+
+#: The batch runner the child process profiles (``module:function``, signature of
+#: ``cutana.engine.run_batch``).
+DEFAULT_RUNNER = "cutana.engine:run_batch"
+
+_MODEL_VERSION = 1
+_BATCH_COLUMNS = ["row_index", "fits_file_paths", "diameter_pixel", "diameter_arcsec"]
+
+
+def _band_extensions(cfg: Mapping) -> list:
+    extensions = list(cfg["fits_extensions"])
+    n_bands = len(cfg["channel_weights"])
+    return extensions * n_bands if len(extensions) == 1 else extensions
+
+
+def _n_channels(cfg: Mapping) -> int:
+    return len(next(iter(cfg["channel_weights"].values())))
+
+
+def file_pixel_scale_arcsec(path: str, extension: str | int) -> float:
+    """Pixel scale (arcsec per pixel, geometric mean of both axes) of one image HDU.
+
+    Only the header is read (``lazy_load_hdus``), never the data.
+
+    Parameters
+    ----------
+    path : str
+        FITS file.
+    extension : str or int
+        HDU name or index.
+
+    Returns
+    -------
+    float
+        Arcseconds per pixel.
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+        header = hdul[extension].header
+        wcs = WCS(header).celestial
+    scales = proj_plane_pixel_scales(wcs) * 3600.0
+    return float(np.sqrt(scales[0] * scales[1]))
+
+
+def stamp_sizes(
+    batch_df: pd.DataFrame,
+    cfg: Mapping,
+    pixel_scale: Callable[[str, str | int], float] = file_pixel_scale_arcsec,
+) -> np.ndarray:
+    """Stamp size S (pixels) read from each band for each source (SPEC §6 "Size").
+
+    Parameters
+    ----------
+    batch_df : DataFrame
+        Batch rows with ``fits_file_paths``, ``diameter_pixel`` and/or ``diameter_arcsec``.
+    cfg : mapping
+        Validated configuration (``padding_factor``, ``channel_weights``, ``fits_extensions``).
+    pixel_scale : callable
+        ``(path, extension) -> arcsec per pixel``; only called for rows without
+        ``diameter_pixel``, once per distinct file.
+
+    Returns
+    -------
+    ndarray of int64, shape (N, B)
+        At least 1 pixel each.
+    """
+    n_rows = len(batch_df)
+    extensions = _band_extensions(cfg)
+    n_bands = len(extensions)
+    padding = float(cfg["padding_factor"])
+    pixels = _float_column(batch_df, "diameter_pixel", n_rows)
+    arcsec = _float_column(batch_df, "diameter_arcsec", n_rows)
+    sizes = np.repeat(pixels[:, None], n_bands, axis=1)
+    need_scale = np.flatnonzero(~np.isfinite(pixels))
+    if need_scale.size:
+        cache: dict[tuple[str, str | int], float] = {}
+        paths = batch_df["fits_file_paths"].to_numpy()
+        for row in need_scale:
+            for band, extension in enumerate(extensions):
+                key = (str(paths[row][band]), extension)
+                if key not in cache:
+                    cache[key] = pixel_scale(*key)
+                sizes[row, band] = np.round(arcsec[row] / cache[key])
+    sizes = np.round(np.nan_to_num(sizes, nan=1.0) * padding)
+    return np.maximum(sizes, 1).astype(np.int64)
+
+
+def _float_column(df: pd.DataFrame, name: str, n_rows: int) -> np.ndarray:
+    if name not in df.columns:
+        return np.full(n_rows, np.nan)
+    return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def source_workloads(sizes: np.ndarray, cfg: Mapping) -> np.ndarray:
+    """Workload units of each source: sum over bands of S_b^2, plus T^2 x C.
+
+    Parameters
+    ----------
+    sizes : ndarray, shape (N, B)
+        Stamp sizes from :func:`stamp_sizes`.
+    cfg : mapping
+        Validated configuration (``target_resolution``, ``channel_weights``).
+
+    Returns
+    -------
+    ndarray of float64, shape (N,)
+    """
+    target = int(cfg["target_resolution"])
+    output_pixels = float(target * target * _n_channels(cfg))
+    return (sizes.astype(np.float64) ** 2).sum(axis=1) + output_pixels
+
+
+def fit_model(measurement: Mapping, cfg: Mapping) -> dict:
+    """Fit base and slope of the memory model from a two-point measurement.
+
+    Parameters
+    ----------
+    measurement : mapping
+        Child process result: ``warmup_peak_mb`` after the warm-up batch of ``warmup_workload``
+        units, ``peak_mb`` after the sample of ``workload`` units.
+    cfg : mapping
+        Validated configuration (``memory.safety_factor``, ``memory.min_mb``).
+
+    Returns
+    -------
+    dict
+        ``base_mb``, ``mb_per_unit``, ``safety_factor``, ``min_mb``.
+    """
+    extra_units = measurement["workload"] - measurement["warmup_workload"]
+    extra_mb = measurement["peak_mb"] - measurement["warmup_peak_mb"]
+    slope = extra_mb / extra_units if extra_units > 0 else 0.0
+    slope = max(slope, MIN_MB_PER_UNIT)
+    # The intercept is the warm-up peak minus what the warm-up's own sources cost, so that the
+    # line passes through the measured sample peak, never below the measured warm-up peak.
+    base = max(measurement["warmup_peak_mb"] - slope * measurement["warmup_workload"], 0.0)
+    base = max(base, measurement["peak_mb"] - slope * measurement["workload"])
+    return {
+        "base_mb": float(base),
+        "mb_per_unit": float(slope),
+        "safety_factor": float(cfg["memory"]["safety_factor"]),
+        "min_mb": int(cfg["memory"]["min_mb"]),
+    }
+
+
+def mem_mb_for(workload: float, model: Mapping, attempt: int = 1) -> int:
+    """Memory (MB) to declare for a batch of ``workload`` units.
+
+    Parameters
+    ----------
+    workload : float
+        Sum of :func:`source_workloads` over the batch.
+    model : mapping
+        The fitted model (:func:`fit_model` keys).
+    attempt : int
+        Snakemake's attempt number (1 on the first try); the estimate is multiplied by it so a
+        job killed for lack of memory is retried with more.
+
+    Returns
+    -------
+    int
+        Megabytes, at least ``min_mb x attempt``.
+    """
+    estimate = model["safety_factor"] * (model["base_mb"] + model["mb_per_unit"] * workload)
+    return int(math.ceil(max(estimate, model["min_mb"]) * max(int(attempt), 1)))
+
+
+def mem_mb_for_batch(batch_name: str, model: Mapping, attempt: int = 1) -> int:
+    """Memory (MB) to declare for the named batch, from its workload recorded in the model.
+
+    Parameters
+    ----------
+    batch_name : str
+        ``{index:05d}_{id}`` as in the manifest.
+    model : mapping
+        The model JSON (:func:`build_memory_model` output).
+    attempt : int
+        Snakemake's attempt number.
+
+    Returns
+    -------
+    int
+        Megabytes; :data:`FALLBACK_MEM_MB` x attempt for a batch the model does not know.
+    """
+    entry = model.get("batches", {}).get(batch_name)
+    if entry is None:
+        return FALLBACK_MEM_MB * max(int(attempt), 1)
+    return mem_mb_for(entry["workload"], model, attempt)
+
+
+def scan_batches(
+    batches_dir: str | Path,
+    cfg: Mapping,
+    n_sample: int,
+    pixel_scale: Callable[[str, str | int], float] = file_pixel_scale_arcsec,
+) -> tuple[dict[str, dict], pd.DataFrame]:
+    """Workload of every batch and the ``n_sample`` sources with the largest workloads.
+
+    Reads the batch tables one at a time (bounded memory: one batch plus the sample).
+
+    Parameters
+    ----------
+    batches_dir : path
+        The split_catalogue output (``manifest.json`` and ``{batch}.parquet``).
+    cfg : mapping
+        Validated configuration.
+    n_sample : int
+        Sample size.
+    pixel_scale : callable
+        See :func:`stamp_sizes`.
+
+    Returns
+    -------
+    batches : dict
+        ``{batch name: {"n_sources": int, "workload": float}}``.
+    sample : DataFrame
+        Full batch rows of the sample, largest workload first.
+    """
+    batches_dir = Path(batches_dir)
+    manifest = json.loads((batches_dir / "manifest.json").read_text(encoding="utf-8"))
+    batches: dict[str, dict] = {}
+    sample = pd.DataFrame()
+    for entry in manifest["batches"]:
+        table = pd.read_parquet(batches_dir / f"{entry['name']}.parquet")
+        workloads = source_workloads(stamp_sizes(table, cfg, pixel_scale), cfg)
+        batches[entry["name"]] = {
+            "n_sources": len(table),
+            "workload": float(workloads.sum()),
+        }
+        candidates = table.assign(_workload=workloads).nlargest(n_sample, "_workload")
+        sample = pd.concat([sample, candidates], ignore_index=True) if len(sample) else candidates
+        sample = sample.nlargest(n_sample, "_workload").reset_index(drop=True)
+    return batches, sample
+
+
+def measure_peak_rss(
+    sample: pd.DataFrame,
+    cfg: Mapping,
+    scratch_dir: str | Path,
+    runner: str = DEFAULT_RUNNER,
+    env: Mapping[str, str] | None = None,
+) -> dict:
+    """Run the sample through ``runner`` in a fresh child process and measure its peak RSS.
+
+    The child first runs a warm-up batch of :data:`WARMUP_SOURCES` sources (what any job pays:
+    interpreter, imports, codec set-up) and records the peak, then the whole sample and records
+    the peak again. A separate process is needed because peak RSS never goes down within one.
+
+    Parameters
+    ----------
+    sample : DataFrame
+        Batch rows (batch parquet columns) with a ``_workload`` column.
+    cfg : mapping
+        Validated configuration (the run's settings: output format, resolution, ...).
+    scratch_dir : path
+        Emptied and used for the child's inputs and outputs; removed afterwards.
+    runner : str
+        ``module:function`` with the signature of ``cutana.engine.run_batch``.
+    env : mapping, optional
+        Environment of the child (default: this process's).
+
+    Returns
+    -------
+    dict
+        ``n_sources``, ``workload``, ``warmup_workload``, ``warmup_peak_mb``, ``peak_mb``,
+        ``elapsed_s``.
+
+    Raises
+    ------
+    RuntimeError
+        If the child fails (its stderr is included).
+    """
+    scratch = Path(scratch_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        sample_path = scratch / "sample.parquet"
+        sample.drop(columns=["_workload"]).to_parquet(sample_path, index=False)
+        config_path = scratch / "config.json"
+        config_path.write_text(json.dumps(dict(cfg), default=str), encoding="utf-8")
+        result_path = scratch / "result.json"
+        command = [
+            sys.executable, "-m", "cutana.memory_model",
+            str(sample_path), str(config_path), str(scratch), str(result_path), runner,
+        ]  # fmt: skip
+        completed = subprocess.run(
+            command, capture_output=True, text=True, env=dict(env) if env else None
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(
+                f"memory profiling of {len(sample)} sources failed (exit "
+                f"{completed.returncode}):\n{completed.stderr[-4000:]}"
+            )
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    workloads = sample["_workload"].to_numpy()
+    n_warm = min(WARMUP_SOURCES, len(sample))
+    result.update(
+        n_sources=len(sample),
+        workload=float(workloads.sum()),
+        warmup_workload=float(workloads[:n_warm].sum()),
+    )
+    return result
+
+
+def build_memory_model(
+    batches_dir: str | Path,
+    cfg: Mapping,
+    out_path: str | Path,
+    scratch_dir: str | Path,
+    runner: str = DEFAULT_RUNNER,
+    env: Mapping[str, str] | None = None,
+) -> dict:
+    """Profile a sample of the run and write the memory model JSON.
+
+    Parameters
+    ----------
+    batches_dir : path
+        The split_catalogue output directory.
+    cfg : mapping
+        Validated configuration (``memory.profile_sources`` sets the sample size).
+    out_path : path
+        The model JSON to write (atomically).
+    scratch_dir : path
+        Temporary work directory of the profiling run.
+    runner, env
+        See :func:`measure_peak_rss`.
+
+    Returns
+    -------
+    dict
+        The model: :func:`fit_model` keys plus ``sample`` (the measurement) and ``batches``
+        (workload per batch, used by :func:`mem_mb_for_batch`).
+    """
+    n_sample = int(cfg["memory"]["profile_sources"])
+    batches, sample = scan_batches(batches_dir, cfg, n_sample)
+    measurement = measure_peak_rss(sample, cfg, scratch_dir, runner=runner, env=env)
+    model = fit_model(measurement, cfg)
+    model.update(
+        version=_MODEL_VERSION,
+        target_resolution=int(cfg["target_resolution"]),
+        n_bands=len(cfg["channel_weights"]),
+        n_channels=_n_channels(cfg),
+        sample=measurement,
+        batches=batches,
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
+    tmp_path.write_text(json.dumps(model, indent=1), encoding="utf-8")
+    os.replace(tmp_path, out_path)
+    return model
+
+
+def load_model(path: str | Path) -> dict:
+    """Read a model JSON written by :func:`build_memory_model`."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in kilobytes on Linux (bytes on macOS).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
+def _child_main(argv: list[str]) -> None:
+    sample_path, config_path, scratch, result_path, runner = argv
+    # A cutout job runs as a Snakemake script, whose preamble imports these modules: import them
+    # too so the measured fixed cost matches.
+    for module in ("snakemake.logging", "snakemake.iocontainers"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    module_name, function_name = runner.split(":")
+    run_batch = getattr(importlib.import_module(module_name), function_name)
+    cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    sample = pd.read_parquet(sample_path)
+    scratch = Path(scratch)
+    warmup_path = scratch / "warmup.parquet"
+    sample.head(WARMUP_SOURCES).to_parquet(warmup_path, index=False)
+    started = time.perf_counter()
+    run_batch(
+        str(warmup_path), str(scratch / "warmup_out"), str(scratch / "warmup_status.parquet"), cfg
+    )
+    warmup_peak = _peak_rss_mb()
+    run_batch(sample_path, str(scratch / "sample_out"), str(scratch / "sample_status.parquet"), cfg)
+    result = {
+        "warmup_peak_mb": warmup_peak,
+        "peak_mb": _peak_rss_mb(),
+        "elapsed_s": time.perf_counter() - started,
+    }
+    Path(result_path).write_text(json.dumps(result), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

@@ -1,0 +1,18 @@
+# Stage 1 (SPEC §3.1): validate the inputs, then split the catalogue into batches per tile.
+
+
+checkpoint split_catalogue:
+    input:
+        catalogue=config["source_catalogue"],
+    output:
+        batches=directory(PATHS.batches),
+    log:
+        f"{PATHS.logs}/split_catalogue.log",
+    benchmark:
+        f"{PATHS.benchmarks}/split_catalogue.tsv"
+    conda:
+        "../../envs/cutana.yaml"
+    params:
+        config_hash=run_config_hash(),
+    script:
+        "../../scripts/split_catalogue.py"

@@ -1,0 +1,195 @@
+# Helpers shared by the rules: configuration handling, output paths, input functions that
+# resolve the checkpoints, and the memory resource of the cutout jobs.
+
+import functools
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from cutana.config import config_hash, validate_config
+from cutana.exceptions import ConfigValidationError
+from cutana import memory_model
+
+#: The name of a batch: 5-digit index, underscore, 10 hex chars of the content hash (DESIGN.md).
+BATCH_PATTERN = r"\d{5}_[0-9a-f]{10}"
+
+
+wildcard_constraints:
+    batch=BATCH_PATTERN,
+
+
+def load_config_schema():
+    """The config JSON schema shared with cutana.config (parsed as data)."""
+    schema_path = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+    with open(schema_path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _coerce_scalar(value, types):
+    # `--config 'demo={"n_sources": 40}'` arrives with every nested value as a string (Snakemake
+    # parses nested values with YAML's BaseLoader); convert back when the schema wants a number.
+    if "integer" in types:
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    if "number" in types:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if "boolean" in types and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if "null" in types and value.lower() in ("null", "none", "~"):
+        return None
+    return value
+
+
+def coerce_cli_strings(node, schema):
+    """Convert string values to the number/boolean/null type the schema asks for, in place.
+
+    Parameters
+    ----------
+    node : dict
+        A (sub-)configuration.
+    schema : dict
+        The matching (sub-)schema.
+    """
+    properties = schema.get("properties", {})
+    for key, value in list(node.items()):
+        sub_schema = properties.get(key)
+        if sub_schema is None and isinstance(schema.get("additionalProperties"), dict):
+            sub_schema = schema["additionalProperties"]
+        if sub_schema is None:
+            continue
+        types = sub_schema.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if isinstance(value, dict):
+            coerce_cli_strings(value, sub_schema)
+        elif isinstance(value, list) and isinstance(sub_schema.get("items"), dict):
+            item_types = sub_schema["items"].get("type", [])
+            item_types = [item_types] if isinstance(item_types, str) else item_types
+            node[key] = [
+                _coerce_scalar(v, item_types) if isinstance(v, str) else v
+                for v in value
+            ]
+        elif isinstance(value, str) and "string" not in types:
+            node[key] = _coerce_scalar(value, types)
+
+
+def validated_config(raw_config):
+    """The complete configuration after cutana's validation, or a WorkflowError naming the key.
+
+    Parameters
+    ----------
+    raw_config : dict
+        Snakemake's config (config file, --configfile and --config merged).
+
+    Returns
+    -------
+    dict
+        Every key of the schema, validated, as plain data.
+    """
+    try:
+        full = validate_config(raw_config)
+    except ConfigValidationError as error:
+        raise WorkflowError(str(error)) from None
+    if not full.get("source_catalogue"):
+        raise WorkflowError(
+            "config key 'source_catalogue' is not set: give the path of a CSV or Parquet "
+            "catalogue (e.g. --config source_catalogue=sources.csv), or use the demo survey "
+            "of config/config.yaml"
+        )
+    return full
+
+
+def workflow_paths(cfg):
+    """Every path the rules produce, derived from ``output_dir`` (SPEC §7, DESIGN.md)."""
+    out = os.path.normpath(cfg["output_dir"])
+    work = f"{out}/.cutana"
+    return SimpleNamespace(
+        out=out,
+        work=work,
+        batches=f"{work}/batches",
+        manifest=f"{work}/batches/manifest.json",
+        batch_table=f"{work}/batches/{{batch}}.parquet",
+        memory_model=f"{work}/memory_model.json",
+        profile_scratch=f"{work}/profile_scratch",
+        batch_dir=f"{out}/batch_cutout_process_{{batch}}",
+        status=f"{work}/status/{{batch}}.parquet",
+        logs=f"{work}/logs",
+        benchmarks=f"{work}/benchmarks",
+        cutout_benchmark=f"{work}/benchmarks/cutout_batch/{{batch}}.tsv",
+        index=f"{out}/source_to_zarr_mapping.parquet",
+        summary=f"{out}/run_summary.json",
+        config_toml=f"{out}/cutana_config.toml",
+        gallery_png=f"{out}/gallery.png",
+        gallery_html=f"{out}/gallery.html",
+    )
+
+
+def demo_catalogue_path(cfg):
+    """Output path of make_demo_survey, i.e. ``source_catalogue`` itself when it names
+    ``{demo.dir}/catalogue.csv`` (so Snakemake matches the exact string), else that path.
+    """
+    demo_path = os.path.join(cfg["demo"]["dir"], "catalogue.csv")
+    if os.path.normpath(cfg["source_catalogue"]) == os.path.normpath(demo_path):
+        return cfg["source_catalogue"]
+    return demo_path
+
+
+def run_config_hash():
+    """Hash of the pixel-relevant settings: a `params` so that changing them reruns the jobs."""
+    return config_hash(config)
+
+
+def manifest_batch_names():
+    """Names of all batches; raises IncompleteCheckpointException until the split is done."""
+    batches_dir = checkpoints.split_catalogue.get().output.batches
+    with open(os.path.join(batches_dir, "manifest.json"), encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    return [entry["name"] for entry in manifest["batches"]]
+
+
+def all_status_files(wildcards):
+    """Input function of merge_index: one status table per batch.
+
+    Resolving the profile_memory checkpoint here too means the memory model exists before any
+    cutout job is created, so their ``mem_mb`` can be computed from it.
+    """
+    names = manifest_batch_names()
+    checkpoints.profile_memory.get()
+    return expand(PATHS.status, batch=names)
+
+
+def all_benchmarks(wildcards):
+    """Benchmark files of the stages and of every cutout job (for the run summary's timings;
+    absent ones, e.g. of the demo rule, are skipped by cutana.index)."""
+    stages = [
+        f"{PATHS.benchmarks}/{stage}.tsv"
+        for stage in ("make_demo_survey", "split_catalogue", "profile_memory")
+    ]
+    return stages + expand(PATHS.cutout_benchmark, batch=manifest_batch_names())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_memory_model(path, mtime_ns):
+    # Keyed by mtime so a re-profiled model is re-read; cached because the resource callable
+    # runs once per cutout job (thousands of jobs, one model file).
+    return memory_model.load_model(path)
+
+
+def cutout_mem_mb(wildcards, attempt):
+    """Declared memory of one cutout job (MB): the memory model's estimate for this batch,
+    times the attempt number so a retry after running out of memory asks for more."""
+    path = PATHS.memory_model
+    try:
+        model = _load_memory_model(path, os.stat(path).st_mtime_ns)
+    except FileNotFoundError:
+        # Only reachable when a batch is requested directly before profiling ran.
+        return memory_model.FALLBACK_MEM_MB * attempt
+    return memory_model.mem_mb_for_batch(wildcards.batch, model, attempt)

@@ -1,0 +1,22 @@
+# Stage 3 (SPEC §3.3): one job per batch; the engine writes the batch folder atomically.
+
+
+rule cutout_batch:
+    input:
+        batch=PATHS.batch_table,
+    output:
+        batch_dir=directory(PATHS.batch_dir),
+        status=PATHS.status,
+    log:
+        f"{PATHS.logs}/cutout_batch/{{batch}}.log",
+    benchmark:
+        PATHS.cutout_benchmark
+    conda:
+        "../../envs/cutana.yaml"
+    threads: 1
+    resources:
+        mem_mb=cutout_mem_mb,
+    params:
+        config_hash=run_config_hash(),
+    script:
+        "../../scripts/cutout_batch.py"

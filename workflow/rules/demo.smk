@@ -1,0 +1,16 @@
+# Stage 0: the built-in synthetic demo survey (only needed when source_catalogue points at it).
+
+
+rule make_demo_survey:
+    output:
+        catalogue=demo_catalogue_path(config),
+    log:
+        f"{PATHS.logs}/make_demo_survey.log",
+    benchmark:
+        f"{PATHS.benchmarks}/make_demo_survey.tsv"
+    conda:
+        "../../envs/cutana.yaml"
+    params:
+        demo=config["demo"],
+    script:
+        "../../scripts/make_demo_survey.py"

@@ -1,0 +1,19 @@
+# Stage 2 (SPEC §3.2): profile a sample batch and write the memory model of the cutout jobs.
+
+
+checkpoint profile_memory:
+    input:
+        batches=rules.split_catalogue.output.batches,
+    output:
+        model=PATHS.memory_model,
+    log:
+        f"{PATHS.logs}/profile_memory.log",
+    benchmark:
+        f"{PATHS.benchmarks}/profile_memory.tsv"
+    conda:
+        "../../envs/cutana.yaml"
+    params:
+        config_hash=run_config_hash(),
+        scratch=PATHS.profile_scratch,
+    script:
+        "../../scripts/profile_memory.py"

@@ -1,0 +1,42 @@
+# Stages 4-5 (SPEC §3.4-3.5, §7.3): merged index, run summary, saved config and gallery.
+
+
+rule merge_index:
+    input:
+        status=all_status_files,
+        batches=rules.split_catalogue.output.batches,
+        memory_model=rules.profile_memory.output.model,
+    output:
+        index=PATHS.index,
+        summary=PATHS.summary,
+        config_toml=PATHS.config_toml,
+    log:
+        f"{PATHS.logs}/merge_index.log",
+    benchmark:
+        f"{PATHS.benchmarks}/merge_index.tsv"
+    conda:
+        "../../envs/cutana.yaml"
+    params:
+        benchmarks=all_benchmarks,
+        output_dir=lambda wildcards, output: os.path.dirname(output.index),
+    script:
+        "../../scripts/merge_index.py"
+
+
+rule gallery:
+    input:
+        index=PATHS.index,
+    output:
+        png=PATHS.gallery_png,
+        html=PATHS.gallery_html,
+    log:
+        f"{PATHS.logs}/gallery.log",
+    benchmark:
+        f"{PATHS.benchmarks}/gallery.tsv"
+    conda:
+        "../../envs/cutana.yaml"
+    params:
+        output_dir=lambda wildcards, input: os.path.dirname(input.index),
+        n_samples=config["gallery"]["n_samples"],
+    script:
+        "../../scripts/gallery.py"
