@@ -168,17 +168,17 @@ class ProblemLog:
 
     def lines(self) -> list[str]:
         """One human-readable line per problem."""
-        out = list(self._messages)
+        out = []
         for entry in self._row_problems.values():
             shown = ", ".join(f"row {row} = {_short_repr(value)}" for row, value in entry.examples)
             more = entry.count - len(entry.examples)
             more_text = f" (and {more} more row{'s' if more != 1 else ''})" if more > 0 else ""
             plural = "rows" if entry.count != 1 else "row"
             out.append(
-                f"column '{entry.column}': {entry.count} {plural} {entry.what}: "
+                f"column '{entry.column}': value {entry.what} in {entry.count} {plural}: "
                 f"{shown}{more_text}. Fix: {entry.fix}"
             )
-        return out
+        return out + self._messages
 
     def extend(self, other: ProblemLog) -> None:
         """Append the problems of ``other`` (used to merge catalogue and FITS checks)."""
@@ -219,7 +219,21 @@ def _error_title(source) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: Other names people give the required columns (lower case, underscores removed).
+_SYNONYMS = {
+    "SourceID": ("id", "sourceid", "objectid", "objid", "name", "sourcename", "srcid"),
+    "RA": ("ra", "radeg", "raj2000", "alpha"),
+    "Dec": ("dec", "decdeg", "decl", "dej2000", "decj2000", "delta"),
+    "fits_file_paths": ("fitsfiles", "fitspaths", "paths", "files", "fitsfile", "filepaths"),
+    "diameter_pixel": ("diameterpix", "diameterpixels", "sizepix", "sizepixel", "diampix"),
+    "diameter_arcsec": ("diameterarcsec", "sizearcsec", "diamarcsec", "diameterasec"),
+}
+
+
 def _suggest(name: str, candidates: Sequence[str]) -> str | None:
+    for candidate in candidates:
+        if candidate.lower().replace("_", "").replace(" ", "") in _SYNONYMS.get(name, ()):
+            return candidate
     lowered = {c.lower().replace("_", "").replace(" ", ""): c for c in candidates}
     key = name.lower().replace("_", "")
     if key in lowered:
@@ -607,7 +621,7 @@ class _Scanner:
         ids = raw_ids if pa.types.is_string(raw_ids.type) else pc.cast(raw_ids, pa.string())
         ids = pc.utf8_trim_whitespace(ids)
         blank = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
-        report(blank, "SourceID", "are empty", "give every source a unique SourceID", raw_ids)
+        report(blank, "SourceID", "is empty", "give every source a unique SourceID", raw_ids)
         id_values = ids.to_numpy(zero_copy_only=False)
         self._id_hashes.append(pd.util.hash_array(id_values.astype(object)))
 
@@ -622,31 +636,31 @@ class _Scanner:
             values, missing, unparsable = _float_column(raw_column)
             numbers[name] = values
             unit = _UNITS[name]
-            report(missing, name, "are empty", f"give a value in {unit} for every row", raw_column)
+            report(missing, name, "is empty", f"give a value in {unit} for every row", raw_column)
             report(
-                unparsable, name, "are not numbers", f"give a plain number in {unit}", raw_column
+                unparsable, name, "is not a number", f"give a plain number in {unit}", raw_column
             )
             present = ~missing & ~unparsable
             finite = np.isfinite(values)
             report(
                 present & ~finite,
                 name,
-                "are NaN or infinite",
+                "is NaN or infinite",
                 f"give a finite value in {unit} (remove or fix these rows)",
                 raw_column,
             )
             with np.errstate(invalid="ignore"):
                 if name == "RA":
                     bad = finite & ((values < 0.0) | (values >= 360.0))
-                    report(bad, name, "are outside [0, 360)", checks[name][0], raw_column)
+                    report(bad, name, "is outside [0, 360)", checks[name][0], raw_column)
                 elif name == "Dec":
                     bad = finite & ((values < -90.0) | (values > 90.0))
-                    report(bad, name, "are outside [-90, 90]", checks[name][0], raw_column)
+                    report(bad, name, "is outside [-90, 90]", checks[name][0], raw_column)
                 else:
                     report(
                         finite & (values <= 0.0),
                         name,
-                        "are zero or negative",
+                        "is zero or negative",
                         f"give a positive stamp diameter in {unit}",
                         raw_column,
                     )
@@ -654,7 +668,7 @@ class _Scanner:
                     report(
                         finite & (values > limit),
                         name,
-                        f"are absurdly large (> {limit:g} {unit})",
+                        f"is absurdly large (> {limit:g} {unit})",
                         f"check the unit: diameters are in {unit}, at most {limit:g}",
                         raw_column,
                     )
@@ -684,7 +698,7 @@ class _Scanner:
                 continue
             tile_of_unique[k] = self._tile_code(parsed)
         tile_codes = tile_of_unique[codes]
-        report(codes == -1, "fits_file_paths", "are empty", _PATH_FORMAT_FIX, raw_paths)
+        report(codes == -1, "fits_file_paths", "is empty", _PATH_FORMAT_FIX, raw_paths)
         reasons = {r for r in reason_of_unique if r is not None}
         for reason in sorted(reasons):
             bad_uniques = [k for k, r in enumerate(reason_of_unique) if r == reason]
@@ -782,7 +796,7 @@ class _Scanner:
         )
         more = len(duplicates) - MAX_EXAMPLES
         scan.problems.add(
-            f"column 'SourceID': {n_extra} row{'s' if n_extra != 1 else ''} repeat an "
+            f"column 'SourceID': {n_extra} row{'s repeat' if n_extra != 1 else ' repeats'} an "
             f"earlier SourceID: {examples}"
             + (f" (and more: {more}+ further IDs)" if more > 0 else "")
             + ". Fix: make every SourceID unique (e.g. append the tile or a counter), or "

@@ -57,8 +57,6 @@ def _where(file_path: str, extension, entry: dict) -> str:
 
 def _check_one_file(file_path: str, extension, entry: dict, cfg: Mapping, catalogue_dir: str):
     """Open one file and return ``(pixel_scale_arcsec or None, [problem, ...])``."""
-    from .fits_io import open_image  # written in parallel; imported late on purpose
-
     where = _where(file_path, extension, entry)
     if not os.path.exists(file_path):
         return None, [
@@ -67,6 +65,8 @@ def _check_one_file(file_path: str, extension, entry: dict, cfg: Mapping, catalo
         ]
     if not os.access(file_path, os.R_OK):
         return None, [f"{where} is not readable: check its file permissions"]
+    from .fits_io import open_image  # imported late: fits_io needs astropy, slow to import
+
     problems = []
     try:
         handle = open_image(file_path, extension)
