@@ -286,7 +286,11 @@ class Orchestrator:
     def _write_dataframe_catalogue(self, frame: pd.DataFrame) -> None:
         frame = frame.copy()
         if "fits_file_paths" in frame.columns:
-            frame["fits_file_paths"] = _parse_path_lists(frame["fits_file_paths"])
+            # Relative FITS paths of an in-memory catalogue mean "relative to the current
+            # directory"; written next to the run's files they would resolve elsewhere.
+            frame["fits_file_paths"] = _parse_path_lists(
+                frame["fits_file_paths"], self.working_directory
+            )
         target = self.input_catalogue_path
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -693,13 +697,18 @@ def _replace_if_changed(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _parse_path_lists(column: pd.Series) -> pd.Series:
+def _parse_path_lists(column: pd.Series, base_dir: Path) -> pd.Series:
     """Turn ``fits_file_paths`` strings such as ``"['a.fits', 'b.fits']"`` (as read from a CSV)
-    into lists, so that the Parquet catalogue holds a list column.
+    into lists of absolute paths (relative ones joined to ``base_dir``), so that the Parquet
+    catalogue holds a list column.
 
     Values that do not parse are left unchanged for the workflow's validation to report with
     their row number.
     """
+
+    def absolute(path: str) -> str:
+        path = os.path.expanduser(str(path))
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
 
     def parse(value):
         if isinstance(value, str):
@@ -711,12 +720,12 @@ def _parse_path_lists(column: pd.Series) -> pd.Series:
                 except (ValueError, SyntaxError):
                     return value
             if isinstance(parsed, (list, tuple)) and all(isinstance(p, str) for p in parsed):
-                return [str(p) for p in parsed]
+                return [absolute(p) for p in parsed]
             return value
-        if hasattr(value, "tolist") and not isinstance(value, str):
-            return [str(p) for p in value.tolist()]
+        if hasattr(value, "tolist"):
+            value = value.tolist()
         if isinstance(value, (list, tuple)):
-            return [str(p) for p in value]
+            return [absolute(p) for p in value]
         return value
 
     parsed = column.map(parse)
