@@ -704,10 +704,15 @@ class _Scanner:
             bad_uniques = [k for k, r in enumerate(reason_of_unique) if r == reason]
             mask = np.isin(codes, bad_uniques)
             if reason.startswith("has ") and reason.endswith(" paths"):
+                expected = (
+                    f"channel_weights has {_band_text(self.bands)}"
+                    if self.bands is not None
+                    else f"the first valid row has {self.expected_bands}"
+                )
                 report(
                     mask,
                     "fits_file_paths",
-                    f"{reason} but channel_weights has {_band_text(self.bands)}",
+                    f"{reason} but {expected}",
                     "list one FITS file per band, in the order of the channel_weights keys "
                     "(or change channel_weights to match the catalogue)",
                     raw_paths,
@@ -886,14 +891,15 @@ def raise_if_problems(problems: ProblemLog, source) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _to_frame(table: pa.Table, scanner: _Scanner) -> pd.DataFrame:
+def spool_table_to_frame(table: pa.Table, tiles: Sequence[tuple]) -> pd.DataFrame:
+    """Turn a normalised chunk (spool schema, with ``tile_code``) into the public DataFrame."""
     frame = table.drop_columns(["tile_code"]).to_pandas()
     codes = table.column("tile_code").to_numpy()
-    tiles = np.empty(len(scanner.scan.tiles) + 1, dtype=object)
-    for code, paths in enumerate(scanner.scan.tiles):
-        tiles[code] = list(paths)
-    tiles[-1] = None  # code -1: invalid path list
-    frame.insert(4, "fits_file_paths", tiles[codes])
+    path_lists = np.empty(len(tiles) + 1, dtype=object)
+    for code, paths in enumerate(tiles):
+        path_lists[code] = list(paths)
+    path_lists[-1] = None  # code -1: invalid path list
+    frame.insert(4, "fits_file_paths", path_lists[codes])
     return frame
 
 
@@ -931,7 +937,7 @@ def iter_catalogue(
     scanner = _Scanner(path, _bands, size_column, _base_dir(path))
     for raw in chunks:
         table, _ = scanner.feed(raw)
-        yield _to_frame(table, scanner)
+        yield spool_table_to_frame(table, scanner.scan.tiles)
 
 
 def normalise_columns(df: pd.DataFrame, first_row: int = 0, path=None) -> pd.DataFrame:
@@ -957,7 +963,7 @@ def normalise_columns(df: pd.DataFrame, first_row: int = 0, path=None) -> pd.Dat
     scanner.scan.total_rows = first_row
     wanted = [c for c in df.columns if c in REQUIRED_COLUMNS + SIZE_COLUMNS]
     table, _ = scanner.feed(pa.Table.from_pandas(df[wanted], preserve_index=False))
-    return _to_frame(table, scanner)
+    return spool_table_to_frame(table, scanner.scan.tiles)
 
 
 def validate_catalogue_chunk(
@@ -1022,7 +1028,7 @@ def validate_catalogue_chunk(
         lambda rows: {row: ids.iloc[row - first_row] for row in rows},
     )
     raise_if_problems(scanner.problems, path)
-    return _to_frame(table, scanner)
+    return spool_table_to_frame(table, scanner.scan.tiles)
 
 
 # --------------------------------------------------------------------------------------------
