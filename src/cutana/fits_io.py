@@ -1,0 +1,384 @@
+"""Lazy, windowed access to FITS images (SPEC §4).
+
+Survey mosaics can be many GB, so an image is never read whole:
+
+* uncompressed images are memory-mapped and only the requested window is copied;
+* tile-compressed images (``CompImageHDU``) are read through ``hdu.section``, which decompresses
+  only the tiles that the window touches.
+
+Files are opened with ``do_not_scale_image_data=True`` and ``BSCALE``/``BZERO``/``BLANK`` are
+applied here to the window only: astropy refuses to scale a memory-mapped image lazily, and
+letting it scale would materialise the whole image as floating point.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from .exceptions import FitsValidationError
+
+# FITS files are written in blocks of 2880 bytes; the last block of a data unit is padded.
+_FITS_BLOCK = 2880
+
+
+def _describe_hdus(hdul: fits.HDUList) -> str:
+    """List the HDUs of a file as ``index (NAME, shape)`` for error messages."""
+    parts = []
+    for index, hdu in enumerate(hdul):
+        shape = getattr(hdu, "shape", None) if hdu.is_image else None
+        kind = "image " + "x".join(str(n) for n in shape) if shape else "no image data"
+        parts.append(f"{index} ({hdu.name or 'unnamed'}: {kind})")
+    return ", ".join(parts)
+
+
+def _select_hdu(hdul: fits.HDUList, extension: str | int, path: Path):
+    """Return the HDU named or numbered ``extension`` or raise a FitsValidationError."""
+    key: str | int = extension
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        key = int(key.strip())
+    try:
+        if isinstance(key, int | np.integer):
+            if key < 0:
+                raise IndexError(key)
+            return hdul[int(key)]
+        return hdul[str(key).strip().upper()] if str(key).upper() != "PRIMARY" else hdul[0]
+    except (KeyError, IndexError):
+        raise FitsValidationError(
+            f"FITS file {path}: extension {extension!r} not found. Available HDUs: "
+            f"{_describe_hdus(hdul)}. Fix: set 'fits_extensions' to one of these names or "
+            "numbers."
+        ) from None
+
+
+def _data_end_offset(hdu) -> int | None:
+    """Byte offset where the HDU's data must end (without padding), or None if unknown."""
+    info = hdu.fileinfo()
+    if info is None:
+        return None
+    if isinstance(hdu, fits.CompImageHDU):
+        try:
+            header = hdu._bintable.header  # the compressed table: rows + heap size
+            nbytes = header["NAXIS1"] * header["NAXIS2"] + header.get("PCOUNT", 0)
+        except Exception:  # private API changed: fall back to the padded span
+            return info["datLoc"] + max(0, info["datSpan"] - (_FITS_BLOCK - 1))
+    else:
+        nbytes = hdu.size
+    return info["datLoc"] + nbytes
+
+
+@dataclass
+class ImageHandle:
+    """An open image HDU whose pixels are read window by window.
+
+    Attributes
+    ----------
+    path : Path
+        The FITS file.
+    extension : str or int
+        The HDU as requested (name or index).
+    shape : tuple of int
+        ``(ny, nx)`` of the image (numpy order).
+    wcs : astropy.wcs.WCS
+        The celestial WCS of the image (2 pixel axes).
+    pixel_scale_arcsec : float
+        Mean side of a pixel on the sky in arcsec (from ``proj_plane_pixel_scales``).
+    header : astropy.io.fits.Header
+        The HDU's header (for compressed images: the image header).
+    bunit : str or None
+        The ``BUNIT`` keyword, if present.
+    """
+
+    path: Path
+    extension: str | int
+    shape: tuple[int, int]
+    wcs: WCS
+    pixel_scale_arcsec: float
+    header: fits.Header
+    bunit: str | None
+    _hdul: fits.HDUList = field(repr=False)
+    _hdu: object = field(repr=False)
+    _leading_index: tuple[int, ...] = field(repr=False, default=())
+    _bscale: float = field(repr=False, default=1.0)
+    _bzero: float = field(repr=False, default=0.0)
+    _blank: int | None = field(repr=False, default=None)
+
+    @property
+    def compressed(self) -> bool:
+        """True when the image is tile-compressed (read through ``section``)."""
+        return isinstance(self._hdu, fits.CompImageHDU)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Read the window ``[y0:y1, x0:x1]`` as float32 (scaled, BLANK -> NaN).
+
+        Parameters
+        ----------
+        y0, y1, x0, x1 : int
+            Window bounds in 0-based array indices, inside the image (``0 <= y0 <= y1 <= ny``).
+
+        Returns
+        -------
+        ndarray of float32, shape (y1 - y0, x1 - x0)
+            Physical pixel values; integer ``BLANK`` pixels are NaN.
+
+        Raises
+        ------
+        FitsValidationError
+            If the window lies outside the image or the data cannot be read.
+        """
+        ny, nx = self.shape
+        if not (0 <= y0 <= y1 <= ny and 0 <= x0 <= x1 <= nx):
+            raise FitsValidationError(
+                f"FITS file {self.path}: window y[{y0}:{y1}] x[{x0}:{x1}] is outside the image "
+                f"of shape {self.shape}. Fix: clip the window with extraction.stamp_windows."
+            )
+        key = self._leading_index + (slice(y0, y1), slice(x0, x1))
+        try:
+            if self.compressed:
+                raw = self._hdu.section[key]
+            else:
+                raw = self._hdu.data[key]
+            window = np.asarray(raw, dtype=np.float32)
+        except Exception as error:
+            raise FitsValidationError(
+                f"FITS file {self.path} [{self.extension}]: cannot read window y[{y0}:{y1}] "
+                f"x[{x0}:{x1}]: {error}. Fix: check that the file is complete and not corrupt."
+            ) from error
+        if self._blank is not None and np.issubdtype(np.asarray(raw).dtype, np.integer):
+            window[np.asarray(raw) == self._blank] = np.nan
+        if self._bscale != 1.0:
+            window *= np.float32(self._bscale)
+        if self._bzero != 0.0:
+            window += np.float32(self._bzero)
+        return window
+
+    def close(self) -> None:
+        """Close the file (and its memory map)."""
+        self._hdul.close()
+
+    def __enter__(self) -> ImageHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _celestial_wcs(header: fits.Header, hdul: fits.HDUList, path: Path, extension) -> WCS:
+    with warnings.catch_warnings():
+        # Non-standard but harmless keywords (e.g. RADECSYS, DATE-OBS fixes) are common.
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        warnings.simplefilter("ignore", AstropyWarning)
+        try:
+            wcs = WCS(header, fobj=hdul)
+        except Exception as error:
+            raise FitsValidationError(
+                f"FITS file {path} [{extension}]: the WCS in the header is invalid: {error}. "
+                "Fix: repair the CTYPE/CRPIX/CRVAL/CD keywords."
+            ) from error
+    if not wcs.has_celestial or wcs.celestial.naxis != 2:
+        raise FitsValidationError(
+            f"FITS file {path} [{extension}]: no celestial WCS (CTYPE1/2 = "
+            f"{header.get('CTYPE1')!r}/{header.get('CTYPE2')!r}). Fix: use an image with "
+            "RA/Dec WCS keywords (e.g. RA---TAN/DEC--TAN) or choose another extension."
+        )
+    if sorted((wcs.wcs.lng, wcs.wcs.lat)) != [0, 1]:
+        raise FitsValidationError(
+            f"FITS file {path} [{extension}]: the celestial axes are not the first two image "
+            "axes. Fix: use an image whose NAXIS1/NAXIS2 are RA/Dec."
+        )
+    return wcs.celestial
+
+
+def open_image(path: str | os.PathLike, extension: str | int = "PRIMARY") -> ImageHandle:
+    """Open one image HDU lazily.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The FITS file.
+    extension : str or int
+        HDU name (``"PRIMARY"``, ``"SCI"``, case-insensitive) or index (``0``, ``1``, ``"1"``).
+
+    Returns
+    -------
+    ImageHandle
+        Open handle; call ``close()`` (or use it as a context manager, or an ImageCache).
+
+    Raises
+    ------
+    FitsValidationError
+        If the file is missing, not FITS, truncated, the extension is missing, holds no 2-D
+        image, or has no celestial WCS.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FitsValidationError(
+            f"FITS file {path} does not exist (or is not a file). Fix: correct the path in the "
+            "catalogue column 'fits_file_paths'."
+        )
+    if not os.access(path, os.R_OK):
+        raise FitsValidationError(f"FITS file {path} is not readable. Fix: check permissions.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", VerifyWarning)
+        warnings.simplefilter("always", AstropyWarning)
+        try:
+            hdul = fits.open(path, memmap=True, do_not_scale_image_data=True, lazy_load_hdus=False)
+        except Exception as error:
+            raise FitsValidationError(
+                f"FITS file {path} cannot be opened as FITS: {error}. Fix: check that the file "
+                "is a valid (complete, uncorrupted) FITS file."
+            ) from error
+    truncation = [w for w in caught if "truncated" in str(w.message)]
+    try:
+        hdu = _select_hdu(hdul, extension, path)
+        if not hdu.is_image or not hdu.shape:
+            raise FitsValidationError(
+                f"FITS file {path}: extension {extension!r} has no image data. Available HDUs: "
+                f"{_describe_hdus(hdul)}. Fix: set 'fits_extensions' to an HDU with an image."
+            )
+        end = _data_end_offset(hdu)
+        if truncation and (end is None or end > path.stat().st_size):
+            raise FitsValidationError(
+                f"FITS file {path} is truncated: extension {extension!r} needs {end} bytes but "
+                f"the file has {path.stat().st_size}. Fix: re-copy or re-download the file."
+            )
+        shape = tuple(int(n) for n in hdu.shape)
+        extra = shape[:-2]
+        if len(shape) < 2 or any(n != 1 for n in extra):
+            raise FitsValidationError(
+                f"FITS file {path}: extension {extension!r} has shape {shape}; a 2-D image "
+                "(extra axes of length 1 allowed) is needed. Fix: choose a 2-D image HDU."
+            )
+        header = hdu.header
+        wcs = _celestial_wcs(header, hdul, path, extension)
+        scales = proj_plane_pixel_scales(wcs) * 3600.0
+        pixel_scale = float(np.mean(scales))
+        if not np.isfinite(pixel_scale) or pixel_scale <= 0:
+            raise FitsValidationError(
+                f"FITS file {path} [{extension}]: pixel scale {scales} arcsec is not positive. "
+                "Fix: repair the CD/CDELT keywords."
+            )
+        blank = header.get("BLANK")
+        bunit = header.get("BUNIT")
+        return ImageHandle(
+            path=path,
+            extension=extension,
+            shape=(shape[-2], shape[-1]),
+            wcs=wcs,
+            pixel_scale_arcsec=pixel_scale,
+            header=header,
+            bunit=str(bunit) if bunit is not None else None,
+            _hdul=hdul,
+            _hdu=hdu,
+            _leading_index=(0,) * len(extra),
+            _bscale=float(header.get("BSCALE", 1.0)),
+            _bzero=float(header.get("BZERO", 0.0)),
+            _blank=int(blank) if blank is not None and header.get("BITPIX", -32) > 0 else None,
+        )
+    except FitsValidationError:
+        hdul.close()
+        raise
+    except Exception as error:
+        hdul.close()
+        raise FitsValidationError(
+            f"FITS file {path} [{extension}]: cannot be used: {error}. Fix: check the file."
+        ) from error
+
+
+def zeropoint(header: fits.Header, keyword: str, path: str | os.PathLike | None = None) -> float:
+    """Return the AB zero point stored under ``keyword``.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        Header of the image HDU.
+    keyword : str
+        The keyword (``flux_conversion_keywords.AB_zeropoint``, default ``MAGZERO``).
+    path : str or path-like, optional
+        The file, named in error messages.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    FitsValidationError
+        If the keyword is missing or not a finite number.
+    """
+    where = f"FITS file {path}" if path is not None else "FITS header"
+    if keyword not in header:
+        raise FitsValidationError(
+            f"{where}: zero-point keyword {keyword!r} is missing. Fix: add it to the header, set "
+            "'flux_conversion_keywords.AB_zeropoint' to the right keyword, or set "
+            "'apply_flux_conversion' to false."
+        )
+    value = header[keyword]
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        result = float("nan")
+    if not np.isfinite(result):
+        raise FitsValidationError(
+            f"{where}: zero-point keyword {keyword!r} = {value!r} is not a finite number. Fix: "
+            "store the AB zero point as a number."
+        )
+    return result
+
+
+class ImageCache:
+    """Keep the images of one batch open, each ``(path, extension)`` opened once.
+
+    Use as a context manager; all handles are closed on exit. A file that failed to open is
+    remembered, and asking for it again raises the same error without touching the disk again.
+    """
+
+    def __init__(self) -> None:
+        self._handles: dict[tuple[str, str], ImageHandle] = {}
+        self._errors: dict[tuple[str, str], FitsValidationError] = {}
+
+    @staticmethod
+    def _key(path, extension) -> tuple[str, str]:
+        return (os.fspath(path), str(extension).upper())
+
+    def get(self, path: str | os.PathLike, extension: str | int = "PRIMARY") -> ImageHandle:
+        """Return the open handle of ``(path, extension)``, opening it on first use.
+
+        Raises
+        ------
+        FitsValidationError
+            As :func:`open_image`.
+        """
+        key = self._key(path, extension)
+        if key in self._errors:
+            raise self._errors[key]
+        handle = self._handles.get(key)
+        if handle is None:
+            try:
+                handle = open_image(path, extension)
+            except FitsValidationError as error:
+                self._errors[key] = error
+                raise
+            self._handles[key] = handle
+        return handle
+
+    def close(self) -> None:
+        """Close every open handle."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> ImageCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
