@@ -1,0 +1,341 @@
+"""The SLURM profile against a real single-node SLURM cluster (SPEC §9, issue 7).
+
+The session fixture brings the cluster up with ``tools/local_slurm.sh up`` (it installs
+slurm-wlm and munge with apt-get if needed). The module is skipped, with the reason, only when
+SLURM cannot be installed or started for lack of root/apt-get; any other failure is a failure.
+
+What is checked:
+- the profile is accepted by Snakemake and the plugin (dry run of the real workflow);
+- SLURM enforces ``--mem`` and the profile's ``retries`` resubmit a killed job with the memory
+  of the next attempt (a tiny throwaway workflow: isolates the cluster mechanics);
+- the demo workflow through ``--profile profiles/slurm`` gives the same outputs as a local run,
+  even though every cutout job's first attempt is killed for exceeding its memory (so the
+  outputs after a kill + retry are those of an uninterrupted run), and the sbatch lines carry
+  per-job ``--mem`` values that grow with the attempt.
+
+Run: ``pytest -m slurm tests/test_slurm.py`` (as root; ~3-4 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "tools" / "local_slurm.sh"
+PROFILE = REPO / "profiles" / "slurm"
+SNAKEFILE = REPO / "Snakefile"
+
+# The plugin's first status check waits 40 s by default (sensible on a busy cluster); on the
+# test cluster jobs finish in seconds, so poll early. MinJobAge=600 of the test cluster keeps
+# the plugin's `squeue` status check valid (it needs MinJobAge >= 3 x this value).
+FAST_POLL = ["--slurm-init-seconds-before-status-checks", "2"]
+
+# Timeout of one Snakemake run; generous because 2 cores are shared by the whole team.
+RUN_TIMEOUT = 600
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def _snakemake(args: list[str], cwd: Path, timeout: int = RUN_TIMEOUT):
+    """Run the snakemake CLI of this interpreter; return the CompletedProcess (text, merged)."""
+    cmd = [sys.executable, "-m", "snakemake", *args]
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _cannot_install_reason() -> str | None:
+    """Why SLURM cannot be brought up here at all, or None if it can be tried."""
+    if shutil.which("slurmctld") and shutil.which("munged"):
+        return None if os.geteuid() == 0 else "SLURM daemons need root to be started"
+    if os.geteuid() != 0:
+        return "slurm-wlm is not installed and installing it needs root"
+    if not shutil.which("apt-get"):
+        return "slurm-wlm is not installed and apt-get is not available"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running single-node cluster; torn down at the end only if this fixture started it."""
+    reason = _cannot_install_reason()
+    if reason:
+        pytest.skip(f"no local SLURM cluster: {reason}")
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        pytest.fail(
+            "snakemake-executor-plugin-slurm is not installed: pip install -e '.[slurm]'",
+            pytrace=False,
+        )
+    was_running = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
+    up = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "up"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
+    if up.returncode != 0:
+        if not shutil.which("slurmctld"):
+            # apt-get itself failed (no mirror reachable, no network): an environment limit.
+            pytest.skip(f"slurm-wlm could not be installed:\n{_tail(up.stdout, 15)}")
+        pytest.fail(f"local SLURM cluster did not come up:\n{up.stdout}", pytrace=False)
+    print(up.stdout)
+    yield up.stdout
+    if not was_running:
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], timeout=120)
+
+
+def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """SLURM job id -> (state, requested memory) via squeue, which sees finished jobs for
+    MinJobAge seconds (the test cluster has no accounting database for sacct)."""
+    out = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "-o", "%i|%T|%m", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    states = {}
+    for line in out.split():
+        job_id, state, mem = line.split("|")
+        states[job_id] = (state, mem)
+    return states
+
+
+# The plugin logs (at --verbose) one line per submission ...
+SBATCH_RE = re.compile(r"^sbatch call: (sbatch .*)$", re.M)
+# ... and the SLURM job id it got, with the job's log file.
+SUBMITTED_RE = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
+MEM_RE = re.compile(r"--mem (\d+)\b")
+
+
+def _sbatch_lines(log: str, rule: str) -> list[str]:
+    return [line for line in SBATCH_RE.findall(log) if f"--comment rule_{rule}" in line]
+
+
+def _target(sbatch_line: str) -> str:
+    """The job a submission runs, e.g. ``cutout_batch:batch=00000_1f3a...``."""
+    match = re.search(r"--target-jobs '([^']+)'", sbatch_line)
+    assert match, sbatch_line
+    return match.group(1)
+
+
+def _short(sbatch_line: str) -> str:
+    """An sbatch line without the long --wrap payload, for reports and docs."""
+    return sbatch_line.split(" --wrap=")[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the profile is valid for the real workflow
+
+
+def test_dry_run_with_slurm_profile(slurm_cluster, tmp_path):
+    demo = tmp_path / "demo"
+    res = _snakemake(
+        [
+            "-n",
+            "--profile",
+            str(PROFILE),
+            "-s",
+            str(SNAKEFILE),
+            "--config",
+            f"output_dir={tmp_path / 'out'}",
+            f"source_catalogue={demo / 'catalogue.csv'}",
+            f"demo={{dir: {demo}, n_sources: 30, tile_size: 400}}",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert res.returncode == 0, _tail(res.stdout)
+    # the profile was really used (not silently ignored) and the plan contains the workflow
+    assert f"Using profile {PROFILE}" in res.stdout or f"Using profiles {PROFILE}" in res.stdout
+    assert "split_catalogue" in res.stdout
+    assert "This was a dry-run" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# (c, mechanics) --mem is enforced and a retry asks for more memory
+
+
+def test_memory_kill_and_retry_on_tiny_workflow(slurm_cluster, tmp_path):
+    # Allocates and touches 300 MB: more than attempt 1's 150 MB, less than attempt 2's 600 MB.
+    (tmp_path / "Snakefile").write_text(
+        textwrap.dedent(
+            """
+            rule all:
+                input: "hog.txt"
+
+            rule hog:
+                output: "hog.txt"
+                resources: mem_mb=lambda wc, attempt: 150 * attempt * attempt
+                shell:
+                    "python -c 'import time; b = bytearray(300 * 2**20); "
+                    "b[::4096] = bytes(len(b[::4096])); time.sleep(3)' "
+                    "&& echo {resources.mem_mb} > {output}"
+            """
+        )
+    )
+    res = _snakemake(["--profile", str(PROFILE), "--verbose", *FAST_POLL], cwd=tmp_path)
+    assert res.returncode == 0, _tail(res.stdout)
+
+    lines = _sbatch_lines(res.stdout, "hog")
+    assert [int(MEM_RE.search(line).group(1)) for line in lines] == [150, 600], lines
+    # the output was written by attempt 2, with its memory
+    assert (tmp_path / "hog.txt").read_text().strip() == "600"
+
+    submitted = SUBMITTED_RE.findall(res.stdout)
+    states = _slurm_states([job_id for job_id, _ in submitted])
+    assert [states[job_id] for job_id, _ in submitted] == [("FAILED", "150M"), ("COMPLETED", "600M")]
+    # SLURM (jobacct_gather OverMemoryKill) killed attempt 1 for its memory, not something else;
+    # the plugin keeps the log of a failed job.
+    first_log = Path(submitted[0][1]).read_text()
+    assert "exceeded memory limit" in first_log, first_log
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) + (c) the demo workflow on the cluster equals a local run, with OOM kills and retries
+
+
+def _demo_args(work: Path, out: Path) -> list[str]:
+    demo = work / "demo_survey"
+    return [
+        "-s",
+        str(SNAKEFILE),
+        "--config",
+        f"output_dir={out}",
+        f"source_catalogue={demo / 'catalogue.csv'}",
+        f"demo={{dir: {demo}, n_sources: 60, tile_size: 600}}",
+        "N_batch_cutout_process=20",
+    ]
+
+
+# Attempt 1 of every cutout job gets a --mem far below what a Python process with numpy needs
+# (as if the memory model had underestimated), attempt 2 gets plenty. The workflow's own
+# estimate cannot be forced below the real need (memory.safety_factor >= 1), so the rule's
+# mem_mb is replaced here; `attempt` is what Snakemake passes on a retry.
+STARVE_FIRST_ATTEMPT = "cutout_batch:mem_mb=60 if attempt == 1 else 1500 * attempt"
+
+
+@pytest.fixture(scope="module")
+def demo_runs(slurm_cluster, tmp_path_factory):
+    """One local run and one SLURM run of the demo workflow on the same demo survey."""
+    work = tmp_path_factory.mktemp("slurm_demo")
+    local_out, slurm_out = work / "out_local", work / "out_slurm"
+
+    local = _snakemake(["--cores", "2", *_demo_args(work, local_out)], cwd=work)
+    assert local.returncode == 0, "local run failed:\n" + _tail(local.stdout)
+
+    # Same working directory, hence the same demo survey files (batch ids hash their paths).
+    slurm = _snakemake(
+        [
+            "--profile",
+            str(PROFILE),
+            "--verbose",
+            *FAST_POLL,
+            "--set-resources",
+            STARVE_FIRST_ATTEMPT,
+            *_demo_args(work, slurm_out),
+        ],
+        cwd=work,
+    )
+    (work / "slurm_run.log").write_text(slurm.stdout)
+    assert slurm.returncode == 0, "SLURM run failed:\n" + _tail(slurm.stdout, 120)
+    return {"work": work, "local": local_out, "slurm": slurm_out, "log": slurm.stdout}
+
+
+def _rel(df: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """Paths inside the output directory made relative, so two output dirs compare equal."""
+    df = df.copy()
+    for col in df.columns:
+        if df[col].dtype == object and df[col].map(lambda v: isinstance(v, str)).any():
+            df[col] = df[col].map(
+                lambda v: v.replace(str(out) + os.sep, "") if isinstance(v, str) else v
+            )
+    return df
+
+
+def test_slurm_outputs_equal_local_run(demo_runs):
+    import zarr
+
+    local, slurm = demo_runs["local"], demo_runs["slurm"]
+    index_local = pd.read_parquet(local / "source_to_zarr_mapping.parquet")
+    index_slurm = pd.read_parquet(slurm / "source_to_zarr_mapping.parquet")
+    assert len(index_local) == 60
+    pd.testing.assert_frame_equal(_rel(index_local, local), _rel(index_slurm, slurm))
+
+    batches_local = sorted(p.name for p in local.glob("batch_cutout_process_*"))
+    batches_slurm = sorted(p.name for p in slurm.glob("batch_cutout_process_*"))
+    assert batches_local == batches_slurm
+    assert len(batches_local) == 3  # 60 sources / N_batch_cutout_process=20
+    n_images = 0
+    for name in batches_local:
+        img_local = zarr.open_group(local / name / "images.zarr", mode="r")["images"][:]
+        img_slurm = zarr.open_group(slurm / name / "images.zarr", mode="r")["images"][:]
+        np.testing.assert_array_equal(img_local, img_slurm)
+        n_images += len(img_local)
+        meta_local = pd.read_parquet(local / name / "images_metadata.parquet")
+        meta_slurm = pd.read_parquet(slurm / name / "images_metadata.parquet")
+        drop = ["processing_timestamp"]  # wall-clock time of processing, differs by design
+        pd.testing.assert_frame_equal(meta_local.drop(columns=drop), meta_slurm.drop(columns=drop))
+    assert n_images > 0
+
+    summary_local = json.loads((local / "run_summary.json").read_text())
+    summary_slurm = json.loads((slurm / "run_summary.json").read_text())
+    for key in ("counts", "config_hash"):
+        if key in summary_local:
+            assert summary_local[key] == summary_slurm[key], key
+
+
+def test_cutout_jobs_killed_for_memory_then_retried_with_more(demo_runs):
+    log = demo_runs["log"]
+    lines = _sbatch_lines(log, "cutout_batch")
+    by_batch: dict[str, list[int]] = {}
+    for line in lines:
+        by_batch.setdefault(_target(line), []).append(int(MEM_RE.search(line).group(1)))
+    # every batch: attempt 1 with the starved 60 MB, attempt 2 with 2 x 1500 MB, nothing more
+    assert len(by_batch) == 3, lines
+    assert all(mems == [60, 3000] for mems in by_batch.values()), by_batch
+
+    # SLURM's view: each 60 MB job FAILED (killed), each 3000 MB job COMPLETED; the kill was
+    # the memory limit (slurmstepd writes it into the job's log, which the plugin keeps).
+    submitted = dict(SUBMITTED_RE.findall(log))
+    states = _slurm_states(list(submitted))
+    cutout_jobs = {j: s for j, s in states.items() if "cutout_batch" in submitted[j]}
+    assert sorted(s for s in cutout_jobs.values()) == [("COMPLETED", "3000M")] * 3 + [
+        ("FAILED", "60M")
+    ] * 3, cutout_jobs
+    for job_id, (state, _) in cutout_jobs.items():
+        if state == "FAILED":
+            assert "exceeded memory limit" in Path(submitted[job_id]).read_text()
+
+    # the other rules ran as SLURM jobs too, each with a --mem
+    for line in SBATCH_RE.findall(log):
+        assert MEM_RE.search(line), line
+    rules = {m.group(1) for m in re.finditer(r"--comment rule_(\w+?)(?:_wildcards\S*)?\s", log)}
+    assert {"split_catalogue", "profile_memory", "cutout_batch", "merge_index"} <= rules, rules
+
+    # Keep the real sbatch lines for docs/cluster.md and for the CI log.
+    excerpt = "\n".join(_short(line) for line in SBATCH_RE.findall(log))
+    (demo_runs["work"] / "sbatch_lines.txt").write_text(excerpt + "\n")
+    print(excerpt)
