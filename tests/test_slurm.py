@@ -206,7 +206,8 @@ def test_memory_kill_and_retry_on_tiny_workflow(slurm_cluster, tmp_path):
 
     submitted = SUBMITTED_RE.findall(res.stdout)
     states = _slurm_states([job_id for job_id, _ in submitted])
-    assert [states[job_id] for job_id, _ in submitted] == [("FAILED", "150M"), ("COMPLETED", "600M")]
+    expected = [("FAILED", "150M"), ("COMPLETED", "600M")]
+    assert [states[job_id] for job_id, _ in submitted] == expected
     # SLURM (jobacct_gather OverMemoryKill) killed attempt 1 for its memory, not something else;
     # the plugin keeps the log of a failed job.
     first_log = Path(submitted[0][1]).read_text()
@@ -322,9 +323,10 @@ def test_cutout_jobs_killed_for_memory_then_retried_with_more(demo_runs):
     submitted = dict(SUBMITTED_RE.findall(log))
     states = _slurm_states(list(submitted))
     cutout_jobs = {j: s for j, s in states.items() if "cutout_batch" in submitted[j]}
-    assert sorted(s for s in cutout_jobs.values()) == [("COMPLETED", "3000M")] * 3 + [
-        ("FAILED", "60M")
-    ] * 3, cutout_jobs
+    assert (
+        sorted(s for s in cutout_jobs.values())
+        == [("COMPLETED", "3000M")] * 3 + [("FAILED", "60M")] * 3
+    ), cutout_jobs
     for job_id, (state, _) in cutout_jobs.items():
         if state == "FAILED":
             assert "exceeded memory limit" in Path(submitted[job_id]).read_text()
