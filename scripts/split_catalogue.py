@@ -1,7 +1,13 @@
 """Snakemake adapter of checkpoint split_catalogue: check every input (SPEC §5), then split the
-catalogue into batches of at most N_batch_cutout_process sources per tile."""
+catalogue into batches of at most N_batch_cutout_process sources per tile.
 
-from cutana.inputs_check import check_inputs
+cutana.catalogue.split_catalogue runs the checks of cutana.inputs_check.check_inputs (catalogue
+rows and every FITS file) in its single streaming pass and writes nothing unless they pass, so
+the catalogue is read once, not twice.
+"""
+
+from pathlib import Path
+
 from script_logging import logged_step
 
 from cutana.catalogue import split_catalogue
@@ -9,9 +15,8 @@ from cutana.catalogue import split_catalogue
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 
 with logged_step(smk.log[0], smk.config["log_level"], "split_catalogue") as log:
-    cfg = dict(smk.config)
-    check_inputs(cfg)
-    manifest = split_catalogue(smk.input.catalogue, cfg, smk.output.batches)
+    work_dir = Path(smk.output.batches).parent
+    manifest = split_catalogue(smk.input.catalogue, dict(smk.config), work_dir, check_files=True)
     log.info(
         "%d rows in %d batches over %d tiles",
         manifest["total_rows"],

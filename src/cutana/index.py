@@ -107,6 +107,9 @@ def merge_status_tables(
     merged["idx_in_zarr"] = merged["idx_in_zarr"].astype("int64")
     merged["batch_index"] = merged["batch_index"].astype("int64")
     merged["SourceID"] = merged["SourceID"].astype(str)
+    # Sources without an output file have a null there (not NaN, not "").
+    files = merged[file_column(cfg)].astype(object)
+    merged[file_column(cfg)] = files.where(files.notna() & (files != ""), None)
     return merged[index_columns(cfg)]
 
 

@@ -1,0 +1,189 @@
+"""Tests of cutana.memory_model: stamp sizes, workloads, the fit and a real child-process
+measurement with a fake batch runner whose memory use is known."""
+
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cutana import memory_model
+from cutana.config import validate_config
+
+
+def make_config(**overrides):
+    base = {
+        "source_catalogue": "unused.csv",
+        "channel_weights": {"A": [1.0, 0.0], "B": [0.0, 1.0]},
+        "target_resolution": 32,
+        "padding_factor": 1.0,
+    }
+    base.update(overrides)
+    return validate_config(base, warn_unknown=False)
+
+
+def batch_frame(diameter_pixel, diameter_arcsec=None, paths=("a.fits", "b.fits")):
+    n_rows = len(diameter_pixel)
+    return pd.DataFrame(
+        {
+            "row_index": np.arange(n_rows, dtype=np.int64),
+            "SourceID": [f"S{i}" for i in range(n_rows)],
+            "RA": np.full(n_rows, 10.0),
+            "Dec": np.full(n_rows, -5.0),
+            "fits_file_paths": [list(paths)] * n_rows,
+            "diameter_pixel": pd.array(diameter_pixel, dtype="Float64"),
+            "diameter_arcsec": pd.array(
+                diameter_arcsec if diameter_arcsec is not None else [None] * n_rows,
+                dtype="Float64",
+            ),
+            "tile": ["t0"] * n_rows,
+        }
+    )
+
+
+def test_stamp_sizes_apply_padding_and_per_band_pixel_scale():
+    cfg = make_config(padding_factor=1.5)
+    frame = batch_frame([10.0, None], [None, 2.0])
+    scales = {"a.fits": 0.1, "b.fits": 0.2}
+    calls = []
+
+    def pixel_scale(path, extension):
+        calls.append((path, extension))
+        return scales[path]
+
+    sizes = memory_model.stamp_sizes(frame, cfg, pixel_scale)
+    # Row 0: 10 px x 1.5 in both bands. Row 1: 2" / 0.1 = 20 px and 2" / 0.2 = 10 px, x 1.5.
+    assert sizes.tolist() == [[15, 15], [30, 15]]
+    assert sorted(calls) == [("a.fits", "PRIMARY"), ("b.fits", "PRIMARY")]
+
+
+def test_source_workloads_follow_the_documented_formula():
+    cfg = make_config(target_resolution=16)
+    sizes = np.array([[10, 20], [1, 1]])
+    workloads = memory_model.source_workloads(sizes, cfg)
+    output_units = 16 * 16 * 2
+    assert workloads.tolist() == [100 + 400 + output_units, 2 + output_units]
+
+
+def test_fit_passes_through_both_measurements_and_scales_with_attempt():
+    cfg = make_config(memory={"safety_factor": 1.0, "min_mb": 100})
+    measurement = {
+        "warmup_workload": 1e5,
+        "warmup_peak_mb": 200.0,
+        "workload": 1.1e6,
+        "peak_mb": 300.0,
+    }
+    model = memory_model.fit_model(measurement, cfg)
+    assert model["mb_per_unit"] == pytest.approx(100.0 / 1e6)
+    assert model["base_mb"] == pytest.approx(190.0)
+    assert memory_model.mem_mb_for(1.1e6, model) == 300
+    assert memory_model.mem_mb_for(1.1e6, model, attempt=3) == 900
+    # The floor applies to tiny batches.
+    assert memory_model.mem_mb_for(0, {**model, "base_mb": 1.0}) == 100
+
+
+def test_noisy_measurement_never_gives_a_slope_below_the_floor():
+    cfg = make_config()
+    measurement = {"warmup_workload": 10, "warmup_peak_mb": 250, "workload": 1e6, "peak_mb": 240}
+    model = memory_model.fit_model(measurement, cfg)
+    assert model["mb_per_unit"] == memory_model.MIN_MB_PER_UNIT
+    assert model["base_mb"] >= 240 - memory_model.MIN_MB_PER_UNIT * 1e6
+
+
+def test_unknown_batch_gets_the_fallback_memory():
+    model = {"batches": {}, "base_mb": 1, "mb_per_unit": 1, "safety_factor": 1, "min_mb": 1}
+    assert memory_model.mem_mb_for_batch("00000_0123456789", model, 2) == (
+        2 * memory_model.FALLBACK_MEM_MB
+    )
+
+
+def write_batches(batches_dir, diameters_per_batch):
+    batches_dir.mkdir(parents=True)
+    entries = []
+    first_row = 0
+    for index, diameters in enumerate(diameters_per_batch):
+        name = f"{index:05d}_{index:010x}"
+        frame = batch_frame(diameters, paths=("a.fits",))
+        frame["row_index"] += first_row
+        first_row += len(frame)
+        frame.to_parquet(batches_dir / f"{name}.parquet", index=False)
+        entries.append({"name": name, "index": index, "n_sources": len(frame), "tile": "t0"})
+    manifest = {"total_rows": first_row, "batches": entries, "tiles": {"t0": ["a.fits"]}}
+    (batches_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_scan_batches_records_every_batch_and_samples_the_largest_sources(tmp_path):
+    cfg = make_config(channel_weights={"A": [1.0]}, target_resolution=16)
+    write_batches(tmp_path / "batches", [[10, 300, 20], [250, 5], [40]])
+    batches, sample = memory_model.scan_batches(tmp_path / "batches", cfg, n_sample=3)
+    output_units = 16 * 16
+    assert batches["00000_0000000000"] == {
+        "n_sources": 3,
+        "workload": float(100 + 90000 + 400 + 3 * output_units),
+    }
+    assert set(batches) == {"00000_0000000000", "00001_0000000001", "00002_0000000002"}
+    assert sample["diameter_pixel"].tolist() == [300, 250, 40]
+    assert sample["row_index"].tolist() == [1, 3, 5]
+
+
+FAKE_RUNNER = textwrap.dedent(
+    """
+    import numpy as np
+    import pandas as pd
+
+    BYTES_PER_UNIT = 256
+
+    def run_batch(batch_path, batch_dir, status_path, cfg):
+        # Holds BYTES_PER_UNIT bytes per workload unit (S^2 per source, one band, T=16, C=1).
+        table = pd.read_parquet(batch_path)
+        units = int((table["diameter_pixel"].astype(float) ** 2 + 16 * 16).sum())
+        buffer = np.ones(units * BYTES_PER_UNIT // 8)
+        assert buffer.sum() > 0
+        pd.DataFrame({"n": [len(table)]}).to_parquet(status_path)
+    """
+)
+
+
+def test_child_process_measurement_recovers_a_known_memory_cost(tmp_path):
+    (tmp_path / "fake_runner.py").write_text(FAKE_RUNNER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    cfg = make_config(
+        channel_weights={"A": [1.0]},
+        target_resolution=16,
+        memory={"profile_sources": 20, "safety_factor": 1.0, "min_mb": 100},
+    )
+    write_batches(tmp_path / "batches", [[200] * 15, [200] * 15])
+    model_path = tmp_path / "model.json"
+    model = memory_model.build_memory_model(
+        tmp_path / "batches",
+        cfg,
+        model_path,
+        tmp_path / "scratch",
+        runner="fake_runner:run_batch",
+        env=env,
+    )
+    assert json.loads(model_path.read_text()) == model
+    assert not (tmp_path / "scratch").exists()
+    assert model["sample"]["n_sources"] == 20
+    expected_slope = 256 / 2**20
+    assert 0.8 * expected_slope < model["mb_per_unit"] < 1.25 * expected_slope
+    # The sample's own peak is predicted (safety factor 1, so only the fit's accuracy counts).
+    predicted = memory_model.mem_mb_for(model["sample"]["workload"], model)
+    assert predicted >= model["sample"]["peak_mb"]
+    assert memory_model.mem_mb_for_batch("00000_0000000000", model) >= model["base_mb"]
+
+
+def test_failing_child_raises_with_its_error_message(tmp_path):
+    (tmp_path / "broken_runner.py").write_text(
+        "def run_batch(*args):\n    raise ValueError('engine exploded')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    cfg = make_config(channel_weights={"A": [1.0]})
+    sample = batch_frame([20, 30], paths=("a.fits",)).assign(_workload=[1.0, 2.0])
+    with pytest.raises(RuntimeError, match="engine exploded"):
+        memory_model.measure_peak_rss(
+            sample, cfg, tmp_path / "scratch", runner="broken_runner:run_batch", env=env
+        )
