@@ -226,6 +226,9 @@ class CutanaApp:
         self._sample_seed = 0
 
         base = config if config is not None else os.environ.get(ENV_CONFIG)
+        # Band names, weights and HDUs of a given config are used for a matching catalogue;
+        # without one, they are derived from the catalogue's FITS headers.
+        self._bands_from_config = base is not None
         if isinstance(base, (str, Path)):
             self.base_config = to_plain(load_config_toml(base))
         elif base is not None:
@@ -665,7 +668,7 @@ class CutanaApp:
         self.summary.value = info.to_html()
         if info.dataframe is None or not info.bands:
             return info
-        self._setup_bands(info)
+        self._setup_bands(info, self.base_config if self._bands_from_config else None)
         self._setup_previews(info)
         if self.auto_preview.value and info.ok:
             self.schedule_preview(delay=0.0)
@@ -853,6 +856,7 @@ class CutanaApp:
         source = path or self.config_path.value.strip()
         cfg = to_plain(load_config_toml(source))
         self.base_config = cfg
+        self._bands_from_config = True
         self._apply_scalar_config(cfg)
         self.output_dir.value = cfg["output_dir"]
         catalogue = cfg.get("source_catalogue")
@@ -872,7 +876,7 @@ class CutanaApp:
         return cfg
 
     # ------------------------------------------------------------------ step 4
-    def _on_param_change(self, _change) -> None:
+    def _on_param_change(self, _change=None) -> None:
         if self._suspend_events:
             return
         if self.auto_preview.value and self.preview_sources is not None:
