@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,36 +277,41 @@ def _rel(df: pd.DataFrame, out: Path) -> pd.DataFrame:
     return df
 
 
-def test_slurm_outputs_equal_local_run(demo_runs):
+def _assert_same_outputs(local: Path, other: Path, n_sources: int = 60) -> None:
+    """Index parquet, every batch's Zarr images and metadata, and summary counts are equal."""
     import zarr
 
-    local, slurm = demo_runs["local"], demo_runs["slurm"]
     index_local = pd.read_parquet(local / "source_to_zarr_mapping.parquet")
-    index_slurm = pd.read_parquet(slurm / "source_to_zarr_mapping.parquet")
-    assert len(index_local) == 60
-    pd.testing.assert_frame_equal(_rel(index_local, local), _rel(index_slurm, slurm))
+    index_other = pd.read_parquet(other / "source_to_zarr_mapping.parquet")
+    assert len(index_local) == n_sources
+    pd.testing.assert_frame_equal(_rel(index_local, local), _rel(index_other, other))
 
     batches_local = sorted(p.name for p in local.glob("batch_cutout_process_*"))
-    batches_slurm = sorted(p.name for p in slurm.glob("batch_cutout_process_*"))
-    assert batches_local == batches_slurm
+    batches_other = sorted(p.name for p in other.glob("batch_cutout_process_*"))
+    # also proves that no temporary folder of a killed job was left behind
+    assert batches_local == batches_other
     assert len(batches_local) == 3  # 60 sources / N_batch_cutout_process=20
     n_images = 0
     for name in batches_local:
         img_local = zarr.open_group(local / name / "images.zarr", mode="r")["images"][:]
-        img_slurm = zarr.open_group(slurm / name / "images.zarr", mode="r")["images"][:]
-        np.testing.assert_array_equal(img_local, img_slurm)
+        img_other = zarr.open_group(other / name / "images.zarr", mode="r")["images"][:]
+        np.testing.assert_array_equal(img_local, img_other)
         n_images += len(img_local)
         meta_local = pd.read_parquet(local / name / "images_metadata.parquet")
-        meta_slurm = pd.read_parquet(slurm / name / "images_metadata.parquet")
+        meta_other = pd.read_parquet(other / name / "images_metadata.parquet")
         drop = ["processing_timestamp"]  # wall-clock time of processing, differs by design
-        pd.testing.assert_frame_equal(meta_local.drop(columns=drop), meta_slurm.drop(columns=drop))
+        pd.testing.assert_frame_equal(meta_local.drop(columns=drop), meta_other.drop(columns=drop))
     assert n_images > 0
 
     summary_local = json.loads((local / "run_summary.json").read_text())
-    summary_slurm = json.loads((slurm / "run_summary.json").read_text())
+    summary_other = json.loads((other / "run_summary.json").read_text())
     for key in ("counts", "config_hash"):
         if key in summary_local:
-            assert summary_local[key] == summary_slurm[key], key
+            assert summary_local[key] == summary_other[key], key
+
+
+def test_slurm_outputs_equal_local_run(demo_runs):
+    _assert_same_outputs(demo_runs["local"], demo_runs["slurm"])
 
 
 def test_cutout_jobs_killed_for_memory_then_retried_with_more(demo_runs):
@@ -341,3 +347,69 @@ def test_cutout_jobs_killed_for_memory_then_retried_with_more(demo_runs):
     excerpt = "\n".join(_short(line) for line in SBATCH_RE.findall(log))
     (demo_runs["work"] / "sbatch_lines.txt").write_text(excerpt + "\n")
     print(excerpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# recovery after the submitting process dies (docs/cluster.md: cancel, unlock, rerun)
+
+
+def _wait_for(path: Path, pattern: re.Pattern, proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if pattern.search(text):
+            return text
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before {pattern.pattern!r}:\n{text}")
+        time.sleep(0.5)
+    pytest.fail(f"no {pattern.pattern!r} within {timeout} s:\n{_tail(path.read_text())}")
+
+
+def test_recover_after_submitting_process_dies(demo_runs):
+    work, out = demo_runs["work"], demo_runs["work"] / "out_recover"
+    args = ["--profile", str(PROFILE), "--verbose", *FAST_POLL, *_demo_args(work, out)]
+    log_path = work / "recover_run1.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", *args],
+            cwd=work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # Die while cutout jobs are in SLURM's hands: the moment the first one is submitted.
+        text = _wait_for(
+            log_path, re.compile(r"--comment rule_cutout_batch"), proc, timeout=RUN_TIMEOUT
+        )
+    finally:
+        proc.kill()  # SIGKILL: no chance to cancel its jobs or release its lock
+        proc.wait()
+    run_id = re.search(r"SLURM run ID: (\S+)", text).group(1)
+
+    # The working directory is locked by the dead process: a plain rerun is refused.
+    refused = _snakemake(args, cwd=work, timeout=300)
+    assert refused.returncode != 0
+    assert "lock" in refused.stdout.lower(), _tail(refused.stdout)
+
+    # 1. cancel the run's jobs by the run ID (their common job name)
+    subprocess.run(["scancel", "--name", run_id], check=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        active = subprocess.run(
+            ["squeue", "--noheader", "--name", run_id, "--states=PENDING,RUNNING,COMPLETING"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not active:
+            break
+        time.sleep(1)
+    assert not active, active
+    # 2. unlock, 3. rerun the same command
+    unlock = _snakemake([*args, "--unlock"], cwd=work, timeout=300)
+    assert unlock.returncode == 0, _tail(unlock.stdout)
+    rerun = _snakemake(args, cwd=work)
+    (work / "recover_run2.log").write_text(rerun.stdout)
+    assert rerun.returncode == 0, _tail(rerun.stdout, 120)
+
+    _assert_same_outputs(demo_runs["local"], out)
