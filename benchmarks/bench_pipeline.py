@@ -1,0 +1,355 @@
+"""End-to-end throughput and memory of cutana, measured side by side with its baselines.
+
+Generates the benchmark survey with :mod:`cutana.demo` (default: 2 tiles x 4 bands x 8000^2
+float32, 20,000 sources with diameters 32-256 px), then measures, for every cell of the matrix
+{64, 256} px x {1, 3} channels (asinh, float32, Zarr):
+
+* cutana end to end through ``snakemake --cores 2`` (split, profile, cutouts, gallery, index);
+* the I/O floor: reading every stamp's pixels through memory maps, nothing else;
+* a naive loop: astropy ``Cutout2D`` + ``skimage.transform.resize`` + astropy asinh stretch
+  (on a subset of sources, rate extrapolated: it is slow);
+* with ``--with-upstream``: upstream Cutana 0.4.0 from PyPI in its own virtual environment
+  (``--upstream-python``, default ``/opt/upstream-cutana/bin/python``; made if absent).
+
+Prints a Markdown table of cutouts/s, ratios and peak RSS. Usage::
+
+    python benchmarks/bench_pipeline.py [--size 8000] [--sources 20000] [--with-upstream]
+    python benchmarks/bench_pipeline.py --size 2000 --sources 2000   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BANDS_1 = ["VIS"]
+BANDS_3 = ["VIS", "NIR_Y", "NIR_H"]
+UPSTREAM_NAMES = {"VIS": "VIS", "NIR_Y": "NIR-Y", "NIR_J": "NIR-J", "NIR_H": "NIR-H"}
+ALL_BANDS = ["VIS", "NIR_Y", "NIR_J", "NIR_H"]
+
+
+class PeakRSS:
+    """Poll the summed RSS of a process tree (the process and all its children)."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.pid, self.interval, self.peak_mb, self.peak_single_mb = pid, interval, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            total = 0.0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for proc in procs:
+                try:
+                    rss = proc.memory_info().rss / 2**20
+                except psutil.Error:
+                    continue
+                total += rss
+                self.peak_single_mb = max(self.peak_single_mb, rss)
+            self.peak_mb = max(self.peak_mb, total)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_measured(cmd: list[str], cwd: Path, log: Path) -> tuple[float, PeakRSS]:
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT)
+        with PeakRSS(proc.pid) as peak:
+            code = proc.wait()
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        sys.exit(f"command failed ({code}): {' '.join(cmd)}; see {log}")
+    return elapsed, peak
+
+
+def make_survey(workdir: Path, args) -> Path:
+    from cutana.demo import make_demo_survey
+
+    survey = workdir / f"survey_{args.tiles}x{args.size}_{args.sources}"
+    catalogue = survey / "catalogue.csv"
+    if not catalogue.exists():
+        t0 = time.perf_counter()
+        make_demo_survey(
+            survey,
+            n_tiles=args.tiles,
+            tile_size=args.size,
+            n_sources=args.sources,
+            seed=7,
+            min_diameter_pixel=32,
+            max_diameter_pixel=256,
+        )
+        print(f"survey generated in {time.perf_counter() - t0:.1f} s: {survey}", file=sys.stderr)
+    df = pd.read_csv(catalogue)
+    paths = df["fits_file_paths"].map(json.loads)
+    for bands in (BANDS_1, BANDS_3):
+        sub = df.copy()
+        picks = [ALL_BANDS.index(b) for b in bands]
+        sub["fits_file_paths"] = paths.map(lambda p, picks=picks: json.dumps([p[i] for i in picks]))
+        sub.to_csv(survey / f"catalogue_{len(bands)}band.csv", index=False)
+    # Warm the page cache, as the issue's figures were measured with a warm cache.
+    for fits_path in sorted(survey.glob("*.fits")):
+        with open(fits_path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+    return survey
+
+
+def cutana_cell(survey: Path, workdir: Path, res: int, bands: list[str], args) -> dict:
+    out = workdir / f"cutana_{res}px_{len(bands)}ch"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.mkdir(parents=True)
+    n = len(bands)
+    config = {
+        "source_catalogue": str(survey / f"catalogue_{n}band.csv"),
+        "output_dir": str(out / "results"),
+        "target_resolution": res,
+        "normalisation_method": "asinh",
+        "data_type": "float32",
+        "output_format": "zarr",
+        "N_batch_cutout_process": args.batch,
+        "channel_weights": {
+            b: [1.0 if c == i else 0.0 for c in range(n)] for i, b in enumerate(bands)
+        },
+        "fits_extensions": ["PRIMARY"],
+    }
+    cfg_path = out / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(out),
+        "--configfile",
+        str(cfg_path),
+        "--cores",
+        str(args.cores),
+        "--quiet",
+        "all",
+    ]
+    elapsed, peak = run_measured(cmd, out, out / "snakemake.log")
+    index = pd.read_parquet(out / "results" / "source_to_zarr_mapping.parquet")
+    n_ok = int(index["status"].isin(["ok", "partial"]).sum())
+    job_rss = []
+    for tsv in glob.glob(
+        str(out / "results" / ".cutana" / "benchmarks" / "**" / "*.tsv"), recursive=True
+    ):
+        if "cutout" not in tsv:
+            continue
+        with open(tsv) as handle:
+            for row in csv.DictReader(handle, delimiter="\t"):
+                try:
+                    job_rss.append(float(row["max_rss"]))
+                except (KeyError, ValueError):
+                    pass
+    return {
+        "elapsed": elapsed,
+        "n": n_ok,
+        "rate": n_ok / elapsed,
+        "peak_job_mb": max(job_rss) if job_rss else float("nan"),
+        "peak_tree_mb": peak.peak_mb,
+    }
+
+
+def stamp_windows(df: pd.DataFrame, path: str):
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    with fits.open(path) as hdul:
+        wcs = WCS(hdul[0].header).celestial
+    x, y = wcs.all_world2pix(df["RA"].to_numpy(), df["Dec"].to_numpy(), 0)
+    return x, y
+
+
+def io_floor(survey: Path, bands: list[str]) -> dict:
+    """Read every stamp's pixels via memmap slices, one band file after another; no processing."""
+    from astropy.io import fits
+
+    df = pd.read_csv(survey / f"catalogue_{len(bands)}band.csv")
+    paths = df["fits_file_paths"].map(json.loads)
+    start = time.perf_counter()
+    total = 0.0
+    for band in range(len(bands)):
+        files = paths.map(lambda p, band=band: p[band])
+        for path, group in df.groupby(files):
+            x, y = stamp_windows(group, path)
+            size = group["diameter_pixel"].to_numpy()
+            with fits.open(path, memmap=True) as hdul:
+                data = hdul[0].data
+                ny, nx = data.shape
+                for xi, yi, s in zip(x, y, size, strict=True):
+                    x0 = max(int(np.ceil(xi - s / 2)), 0)
+                    y0 = max(int(np.ceil(yi - s / 2)), 0)
+                    x1, y1 = min(x0 + int(s), nx), min(y0 + int(s), ny)
+                    if x1 > x0 and y1 > y0:
+                        total += float(np.array(data[y0:y1, x0:x1])[0, 0])
+    elapsed = time.perf_counter() - start
+    return {"elapsed": elapsed, "n": len(df), "rate": len(df) / elapsed}
+
+
+def naive_loop(survey: Path, bands: list[str], res: int, limit: int) -> dict:
+    """astropy Cutout2D + skimage resize + astropy asinh stretch, one source at a time."""
+    from astropy.io import fits
+    from astropy.nddata import Cutout2D
+    from astropy.visualization import AsinhStretch, PercentileInterval
+    from astropy.wcs import WCS
+    from skimage.transform import resize
+
+    df = pd.read_csv(survey / f"catalogue_{len(bands)}band.csv").head(limit)
+    paths = df["fits_file_paths"].map(json.loads)
+    handles: dict[str, tuple] = {}
+    stretch, interval = AsinhStretch(0.7), PercentileInterval(99.8)
+    start = time.perf_counter()
+    done = 0
+    for ra, dec, size, files in zip(df["RA"], df["Dec"], df["diameter_pixel"], paths, strict=True):
+        channels = []
+        try:
+            for path in files:
+                if path not in handles:
+                    hdul = fits.open(path, memmap=True)
+                    handles[path] = (hdul, WCS(hdul[0].header))
+                hdul, wcs = handles[path]
+                x, y = wcs.all_world2pix(ra, dec, 0)
+                cut = Cutout2D(
+                    hdul[0].data,
+                    (float(x), float(y)),
+                    int(size),
+                    mode="partial",
+                    fill_value=np.nan,
+                    copy=True,
+                ).data
+                img = resize(np.nan_to_num(cut), (res, res), preserve_range=True)
+                channels.append(stretch(interval(img)))
+        except Exception:  # noqa: BLE001 - the naive loop simply skips what it cannot cut
+            continue
+        np.stack(channels, axis=-1).astype(np.float32)
+        done += 1
+    elapsed = time.perf_counter() - start
+    return {"elapsed": elapsed, "n": done, "rate": done / elapsed}
+
+
+def upstream_cell(survey: Path, workdir: Path, res: int, bands: list[str], python: str) -> dict:
+    out = workdir / f"upstream_{res}px_{len(bands)}ch"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.mkdir(parents=True)
+    cmd = [
+        python,
+        str(Path(__file__).with_name("upstream_runner.py")),
+        str(survey / f"catalogue_{len(bands)}band.csv"),
+        str(out / "results"),
+        str(res),
+        *[UPSTREAM_NAMES[b] for b in bands],
+    ]
+    elapsed, peak = run_measured(cmd, out, out / "upstream.log")
+    n = 0
+    for meta in glob.glob(str(out / "results" / "**" / "images_metadata.parquet"), recursive=True):
+        n += len(pd.read_parquet(meta))
+    return {"elapsed": elapsed, "n": n, "rate": n / elapsed, "peak_tree_mb": peak.peak_mb}
+
+
+def ensure_upstream(python: str) -> str:
+    if not Path(python).exists():
+        venv = Path(python).parent.parent
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "cutana==0.4.0"], check=True)
+    return python
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="bench_out")
+    parser.add_argument("--tiles", type=int, default=2)
+    parser.add_argument("--size", type=int, default=8000)
+    parser.add_argument("--sources", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--cells", default="64x1,64x3,256x1,256x3")
+    parser.add_argument("--naive-limit", type=int, default=1500)
+    parser.add_argument("--with-upstream", action="store_true")
+    parser.add_argument("--upstream-python", default="/opt/upstream-cutana/bin/python")
+    args = parser.parse_args(argv)
+
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    survey = make_survey(workdir, args)
+    upstream = ensure_upstream(args.upstream_python) if args.with_upstream else None
+
+    floors = {n: io_floor(survey, bands) for n, bands in ((1, BANDS_1), (3, BANDS_3))}
+    rows = []
+    for cell in args.cells.split(","):
+        res, n = (int(v) for v in cell.split("x"))
+        bands = BANDS_1 if n == 1 else BANDS_3
+        ours = cutana_cell(survey, workdir, res, bands, args)
+        naive = naive_loop(survey, bands, res, args.naive_limit)
+        theirs = upstream_cell(survey, workdir, res, bands, upstream) if upstream else None
+        rows.append((res, n, ours, naive, theirs, floors[n]))
+        print(
+            f"{res}px x{n}: cutana {ours['rate']:.0f}/s, naive {naive['rate']:.0f}/s"
+            + (f", upstream {theirs['rate']:.0f}/s" if theirs else ""),
+            file=sys.stderr,
+        )
+
+    print(
+        f"\nSurvey: {args.tiles} tiles x 4 bands x {args.size}^2 float32, {args.sources} "
+        f"sources (32-256 px), asinh, float32, Zarr, batches of {args.batch}, "
+        f"--cores {args.cores}\n"
+    )
+    header = (
+        "| cell | cutana cutouts/s | peak RSS per job (MB) | naive Cutout2D/s | vs naive "
+        "| I/O floor stamps/s | % of floor |"
+    )
+    sep = "|---|---|---|---|---|---|---|"
+    if upstream:
+        header += " upstream 0.4.0/s | upstream peak RSS (MB) | vs upstream |"
+        sep += "---|---|---|"
+    print(header)
+    print(sep)
+    for res, n, ours, naive, theirs, floor in rows:
+        line = (
+            f"| {res} px x {n} ch | {ours['rate']:.0f} ({ours['n']} in {ours['elapsed']:.1f}"
+            f" s) | {ours['peak_job_mb']:.0f} | {naive['rate']:.0f} | "
+            f"{ours['rate'] / naive['rate']:.1f}x | {floor['rate']:.0f} | "
+            f"{100 * ours['rate'] / floor['rate']:.0f} % |"
+        )
+        if theirs:
+            line += (
+                f" {theirs['rate']:.0f} | {theirs['peak_tree_mb']:.0f} | "
+                f"{ours['rate'] / theirs['rate']:.1f}x |"
+            )
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
