@@ -23,7 +23,6 @@ import argparse
 import csv
 import glob
 import json
-import os
 import subprocess
 import sys
 import threading
