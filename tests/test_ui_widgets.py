@@ -302,6 +302,28 @@ def test_save_and_load_config_toml(tiny_survey, tmp_path):
     other.close()
 
 
+def test_check_inputs_uses_chosen_hdus(tiny_survey):
+    app = make_app(tiny_survey)
+    app.apply_flux_conversion.value = False  # the tiny files have no MAGZERO
+    # The bands have different pixel scales, so pixel sizes are ambiguous: reported.
+    assert not app.check_inputs()
+    assert "diameter_arcsec" in app.check_message.value
+    df = pd.read_csv(tiny_survey).rename(columns={"diameter_pixel": "diameter_arcsec"})
+    df["diameter_arcsec"] *= 0.2
+    df.to_csv(tiny_survey, index=False)
+    app.load_catalogue()
+    app.apply_flux_conversion.value = False
+    assert app.check_inputs(), app.check_message.value
+    assert "Inputs OK: 5 sources, 2 FITS files" in app.check_message.value
+    assert "0.2, 0.4" in app.check_message.value
+    # Band r has its image in SCI only: asking for PRIMARY must be reported with the file.
+    app.band_rows[1].extension.options = ["PRIMARY", "SCI"]
+    app.band_rows[1].extension.value = "PRIMARY"
+    assert not app.check_inputs()
+    assert "tile_r.fits" in app.check_message.value
+    app.close()
+
+
 # --------------------------------------------------------------------------- step 4
 def test_preview_is_debounced_and_updates_images(tiny_survey):
     fake = FakePreview()

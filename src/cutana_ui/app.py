@@ -426,6 +426,11 @@ class CutanaApp:
             w.Button(description="Load config", icon="folder-open"), "cutana-load-config"
         )
         self.config_message = _cls(w.HTML(), "cutana-config-message")
+        self.check_button = _cls(
+            w.Button(description="Check inputs", icon="check"), "cutana-check-inputs"
+        )
+        self.check_message = _cls(w.HTML(), "cutana-check-message")
+        self.check_button.on_click(lambda _b: self.check_inputs())
         self.save_button.on_click(lambda _b: self._safe(self.save_config))
         self.load_config_button.on_click(lambda _b: self._safe(self.load_config))
 
@@ -571,6 +576,7 @@ class CutanaApp:
                 self.output_dir,
                 w.HBox([self.config_path, self.save_button, self.load_config_button]),
                 self.config_message,
+                w.HBox([self.check_button, self.check_message]),
             ],
             "cutana-step-parameters",
         )
@@ -874,6 +880,30 @@ class CutanaApp:
                 self._on_param_change(None)
         self.config_message.value = f"Loaded configuration from <code>{_html(source)}</code>"
         return cfg
+
+    def check_inputs(self) -> bool:
+        """Check the catalogue and every FITS file with the chosen bands and HDUs (SPEC §5).
+
+        Uses :func:`cutana.inputs_check.check_inputs`, the same check the run makes before any
+        work. Returns True when the inputs are usable; problems are shown below the button.
+        """
+        from cutana.inputs_check import check_inputs
+
+        self.check_message.value = "<i>Checking every FITS file…</i>"
+        try:
+            result = check_inputs(self.current_config())
+        except Exception as exc:  # noqa: BLE001 - the problems are the user's feedback
+            self.check_message.value = (
+                f"<pre class='cutana-problems' style='white-space:pre-wrap'>{_html(str(exc))}</pre>"
+            )
+            return False
+        scales = sorted({round(v, 4) for v in (result.get("pixel_scales") or {}).values()})
+        self.check_message.value = (
+            f"<span class='cutana-no-problems'>✔ Inputs OK: {result.get('n_sources', 0):,} "
+            f"sources, {result.get('n_files', 0):,} FITS files, pixel scales "
+            f"{', '.join(f'{v:g}' for v in scales) or '–'} arcsec</span>"
+        )
+        return True
 
     # ------------------------------------------------------------------ step 4
     def _on_param_change(self, _change=None) -> None:

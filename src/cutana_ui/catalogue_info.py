@@ -20,6 +20,9 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 CATALOGUE_SUFFIXES = (".csv", ".parquet", ".pq")
+#: Rows read for band detection and as the pool of preview sources (the full catalogue is only
+#: streamed, never loaded: it can have tens of millions of rows).
+SAMPLE_ROWS = 2000
 #: Header keywords that commonly name the band of an image, tried in order.
 BAND_KEYWORDS = ("FILTER", "BAND", "FILTNAM", "FILTER1", "INSTRUME")
 
@@ -188,38 +191,29 @@ def parse_path_list(value) -> list[str]:
     return []
 
 
-def _read_raw(path: Path) -> pd.DataFrame:
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path)
+def read_sample(path: str | Path, max_rows: int = SAMPLE_ROWS) -> pd.DataFrame:
+    """Read the first ``max_rows`` rows of a CSV or Parquet catalogue (bounded memory).
 
-
-def load_catalogue(path: str | Path) -> tuple[pd.DataFrame | None, list[str]]:
-    """Load a catalogue through cutana's validator, falling back to a plain read.
-
-    Returns
-    -------
-    (DataFrame or None, list of str)
-        The rows (None when the file cannot be read at all) and the validation problems.
+    ``fits_file_paths`` is parsed into lists of absolute paths (relative paths are relative to
+    the catalogue's folder, as in the workflow), so the rows can be handed to the preview engine
+    from any working directory.
     """
     path = Path(path).expanduser()
-    problems: list[str] = []
-    if not path.is_file():
-        return None, [f"catalogue file {path} does not exist: check the path"]
-    try:
-        from cutana.catalogue_preprocessor import load_and_validate_catalogue
-    except ImportError:  # the validator is optional only while cutana is being assembled
-        load_and_validate_catalogue = None
-    if load_and_validate_catalogue is not None:
-        try:
-            return load_and_validate_catalogue(str(path)), problems
-        except Exception as exc:  # noqa: BLE001 - every validation problem is shown to the user
-            problems.append(str(exc))
-    try:
-        return _read_raw(path), problems
-    except Exception as exc:  # noqa: BLE001
-        problems.append(f"cannot read {path}: {exc}")
-        return None, problems
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        batches = pq.ParquetFile(path).iter_batches(batch_size=max_rows)
+        first = next(batches, None)
+        df = first.to_pandas() if first is not None else pd.DataFrame()
+    else:
+        df = pd.read_csv(path, nrows=max_rows)
+    base = path.resolve().parent
+    if "fits_file_paths" in df:
+        df["fits_file_paths"] = [
+            [str((base / Path(p).expanduser()).resolve()) for p in parse_path_list(v)]
+            for v in df["fits_file_paths"]
+        ]
+    return df
 
 
 def inspect_fits(path: str) -> tuple[list[str], float | None, str | None]:
@@ -285,8 +279,12 @@ def _sanitise_band(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "band"
 
 
-def analyse(path: str | Path, max_files_checked: int = 2000) -> CatalogueInfo:
+def analyse(path: str | Path, max_files_checked: int = 1000) -> CatalogueInfo:
     """Summarise a catalogue for step 2 of the UI.
+
+    Counts, ranges and row problems come from cutana's streaming
+    :func:`cutana.catalogue_preprocessor.analyse_catalogue` (bounded memory for any size); band
+    names, HDUs and pixel scales from the headers of the files of the first rows.
 
     Parameters
     ----------
@@ -299,63 +297,59 @@ def analyse(path: str | Path, max_files_checked: int = 2000) -> CatalogueInfo:
     Returns
     -------
     CatalogueInfo
-        Never raises for bad input: problems are listed in ``problems``.
+        Never raises for bad input: problems are listed in ``problems``. ``dataframe`` holds
+        the first :data:`SAMPLE_ROWS` rows (the pool the previews are drawn from).
     """
+    from cutana.catalogue_preprocessor import analyse_catalogue
+
+    path = Path(str(path).strip()).expanduser()
     info = CatalogueInfo(path=str(path))
-    df, problems = load_catalogue(path)
-    info.problems.extend(problems)
-    if df is None:
+    if not path.is_file():
+        info.problems.append(f"catalogue file {path} does not exist: check the path")
         return info
-    info.dataframe = df
-    info.n_sources = len(df)
-    missing_cols = [c for c in ("SourceID", "RA", "Dec", "fits_file_paths") if c not in df]
-    if missing_cols and not problems:
-        info.problems.append(f"missing column(s) {missing_cols}: add them to the catalogue")
-    for col in ("diameter_pixel", "diameter_arcsec"):
-        if col in df and df[col].notna().any():
-            info.size_column = col
-            values = pd.to_numeric(df[col], errors="coerce")
-            info.size_range = (float(values.min()), float(values.max()))
-            break
-    if "RA" in df and "Dec" in df and len(df):
-        ra = pd.to_numeric(df["RA"], errors="coerce")
-        dec = pd.to_numeric(df["Dec"], errors="coerce")
-        info.ra_range = (float(ra.min()), float(ra.max()))
-        info.dec_range = (float(dec.min()), float(dec.max()))
-    if "fits_file_paths" not in df or not len(df):
+    try:
+        summary = analyse_catalogue(str(path))
+        sample = read_sample(path)
+    except Exception as exc:  # noqa: BLE001 - unreadable catalogues are reported, not raised
+        info.problems.append(str(exc))
         return info
-    path_lists = [parse_path_list(v) for v in df["fits_file_paths"]]
-    lengths = pd.Series([len(p) for p in path_lists])
-    n_bands = int(lengths.mode().iloc[0]) if len(lengths) else 0
-    if (lengths != n_bands).any() and not problems:
-        bad = lengths.index[lengths != n_bands][:5].tolist()
-        info.problems.append(
-            f"rows {bad} have a different number of FITS files than the {n_bands} of most rows"
-        )
-    per_band: list[list[str]] = [[] for _ in range(n_bands)]
-    for paths in path_lists:
-        for i, p in enumerate(paths[:n_bands]):
-            per_band[i].append(p)
-    distinct = sorted({p for paths in path_lists for p in paths})
-    info.n_files = len(distinct)
-    # Relative paths in a catalogue are resolved like the workflow does: against the CWD.
-    missing = [p for p in distinct[:max_files_checked] if not Path(p).expanduser().is_file()]
+    info.problems.extend(summary.get("problems") or [])
+    info.n_sources = int(summary.get("n_sources") or 0)
+    info.n_files = int(summary.get("n_files") or 0)
+    info.size_column = summary.get("size_column")
+    for key in ("size_range", "ra_range", "dec_range"):
+        value = summary.get(key)
+        setattr(info, key, tuple(float(v) for v in value) if value else None)
+    if sample.empty or "fits_file_paths" not in sample:
+        return info
+    info.dataframe = sample
+    files = (summary.get("files") or [])[:max_files_checked]
+    missing = [p for p in files if not Path(p).is_file()]
     if missing:
         shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
         info.problems.append(
             f"{len(missing)} FITS file(s) not found, e.g. {shown}: fix fits_file_paths"
         )
-    first_row = path_lists[0][:n_bands]
+    path_lists = list(sample["fits_file_paths"])
+    n_bands = int(summary.get("n_bands") or max(len(p) for p in path_lists))
+    per_band: list[list[str]] = [[] for _ in range(n_bands)]
+    for paths in path_lists:
+        if len(paths) == n_bands:
+            for i, p in enumerate(paths):
+                per_band[i].append(p)
+    examples = [band[0] for band in per_band if band]
     used_names: set[str] = set()
     for i in range(n_bands):
+        if not per_band[i]:
+            continue
         example = per_band[i][0]
         extensions, scale, band = [], None, None
-        if Path(example).expanduser().is_file():
+        if Path(example).is_file():
             try:
-                extensions, scale, band = inspect_fits(str(Path(example).expanduser()))
+                extensions, scale, band = inspect_fits(example)
             except Exception as exc:  # noqa: BLE001
                 info.problems.append(f"cannot read FITS file {example}: {exc}")
-        name = band or _band_from_filename(example, first_row) or f"band{i + 1}"
+        name = band or _band_from_filename(example, examples) or f"band{i + 1}"
         name = _sanitise_band(name)
         while name in used_names:  # channel_weights keys must be unique
             name = f"{name}_{i + 1}"
