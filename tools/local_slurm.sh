@@ -37,9 +37,23 @@ die() { printf '[local_slurm] ERROR: %s\n' "$*" >&2; exit 1; }
 
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root (apt-get, /etc/slurm, daemons)"; }
 
-# pid of a running daemon by its exact command name (pgrep -x matches the name, not the args,
-# so this never matches e.g. an editor that has "slurmd" in a path)
-daemon_pid() { pgrep -x "$1" 2>/dev/null | head -n1 || true; }
+# pid of a running daemon by its exact command name (`ps -C` matches the name, not the args,
+# so this never matches e.g. an editor that has "slurmd" in a path). Zombies are skipped: the
+# daemons fork into the background and, without systemd as init, the exited parent can linger.
+daemon_pid() {
+    ps -C "$1" -o pid=,stat= 2>/dev/null | awk '$2 !~ /^Z/ {print $1; exit}'
+}
+
+# the daemons fork into the background: wait until the forked daemon is there
+wait_daemon() {
+    local name=$1 _
+    for _ in $(seq 20); do
+        sleep 0.5
+        [ -n "$(daemon_pid "$name")" ] && return 0
+    done
+    tail -n 20 "$LOG_DIR/$name.log" >&2 2>/dev/null || true
+    die "$name did not start"
+}
 
 install_packages() {
     local pkgs=(slurm-wlm munge)
@@ -150,6 +164,7 @@ start_munge() {
     else
         # munged refuses to run as root; run it as its own user, as the Debian unit does
         runuser -u munge -- /usr/sbin/munged
+        wait_daemon munged
         say "started munged (pid $(daemon_pid munged))"
     fi
     munge -n | unmunge >/dev/null || die "munge round trip failed"
@@ -166,6 +181,7 @@ start_accounting() {
     mysql -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db" || die "mariadb not reachable"
     if [ -z "$(daemon_pid slurmdbd)" ]; then
         slurmdbd
+        wait_daemon slurmdbd
         for _ in $(seq 30); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 1; done
         say "started slurmdbd (pid $(daemon_pid slurmdbd))"
     fi
@@ -181,12 +197,14 @@ start_slurm() {
         say "slurmctld already running (pid $(daemon_pid slurmctld))"
     else
         slurmctld
+        wait_daemon slurmctld
         say "started slurmctld (pid $(daemon_pid slurmctld))"
     fi
     if [ -n "$(daemon_pid slurmd)" ]; then
         say "slurmd already running (pid $(daemon_pid slurmd))"
     else
         slurmd
+        wait_daemon slurmd
         say "started slurmd (pid $(daemon_pid slurmd))"
     fi
 }
@@ -225,9 +243,10 @@ stop_daemons() {
 }
 
 status() {
-    local name
+    local name pid
     for name in munged slurmctld slurmd slurmdbd; do
-        printf '%-10s %s\n' "$name" "$(daemon_pid "$name" | sed 's/^$/not running/')"
+        pid=$(daemon_pid "$name")
+        printf '%-10s %s\n' "$name" "${pid:-not running}"
     done
     sinfo 2>/dev/null || say "sinfo: controller not reachable"
 }
@@ -248,6 +267,9 @@ case "${1:-}" in
         # cancel what is left so that slurmd does not keep orphaned job steps around
         scancel --user=root >/dev/null 2>&1 || true
         stop_daemons slurmd slurmctld slurmdbd munged
+        if [ -n "$(daemon_pid mariadbd)" ]; then
+            mysqladmin shutdown && say "stopped mariadb"
+        fi
         ;;
     status)
         status
