@@ -147,18 +147,19 @@ class ImageHandle:
                 raw = self._hdu.section[key]
             else:
                 raw = self._hdu.data[key]
-            window = np.asarray(raw, dtype=np.float32)
+            raw = np.asarray(raw)
         except Exception as error:
             raise FitsValidationError(
                 f"FITS file {self.path} [{self.extension}]: cannot read window y[{y0}:{y1}] "
                 f"x[{x0}:{x1}]: {error}. Fix: check that the file is complete and not corrupt."
             ) from error
-        if self._blank is not None and np.issubdtype(np.asarray(raw).dtype, np.integer):
-            window[np.asarray(raw) == self._blank] = np.nan
-        if self._bscale != 1.0:
-            window *= np.float32(self._bscale)
-        if self._bzero != 0.0:
-            window += np.float32(self._bzero)
+        if self._bscale == 1.0 and self._bzero == 0.0:
+            window = raw.astype(np.float32)
+        else:
+            # Scale in float64 and round once, so int32 data with a large BZERO keeps precision.
+            window = (raw * self._bscale + self._bzero).astype(np.float32)
+        if self._blank is not None and np.issubdtype(raw.dtype, np.integer):
+            window[raw == self._blank] = np.nan
         return window
 
     def close(self) -> None:
