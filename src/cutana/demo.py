@@ -16,12 +16,16 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import gzip
 import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -255,23 +259,28 @@ def _add_galaxies(
     ys = sources["y"].to_numpy()
     hits = np.flatnonzero((ys + radius >= y0) & (ys - radius < y1))
     colour = MEAN_COLOUR.get(band, 0.5)
+    # Plain arrays: per-row pandas access would dominate the run time with many sources.
+    sersic_n = sources["sersic_n"].to_numpy()
+    axis_ratio = sources["axis_ratio"].to_numpy()
+    position_angle = sources["position_angle"].to_numpy()
+    mag_vis = sources["mag_vis"].to_numpy()
+    colour_scatter = sources["colour_scatter"].to_numpy()
     for i in hits:
-        row = sources.iloc[i]
         r = radius[i]
         gx0, gx1 = max(0, int(xs[i] - r)), min(width, int(xs[i] + r) + 1)
         gy0, gy1 = max(y0, int(ys[i] - r)), min(y1, int(ys[i] + r) + 1)
         if gx0 >= gx1 or gy0 >= gy1:
             continue
         r_e = r_e_all[i]
-        n = float(row["sersic_n"])
+        n = float(sersic_n[i])
         b = float(_sersic_b(np.float64(n)))
-        q = float(row["axis_ratio"])
-        mag = row["mag_vis"] - colour - row["colour_scatter"] * (band != "VIS")
+        q = float(axis_ratio[i])
+        mag = mag_vis[i] - colour - colour_scatter[i] * (band != "VIS")
         total = 10.0 ** (-0.4 * (mag - zeropoint))
         intensity_e = total / _sersic_total_over_ie(n, b, r_e, q)
         dx = np.arange(gx0, gx1, dtype=np.float32)[None, :] - np.float32(xs[i])
         dy = np.arange(gy0, gy1, dtype=np.float32)[:, None] - np.float32(ys[i])
-        cos_pa, sin_pa = math.cos(row["position_angle"]), math.sin(row["position_angle"])
+        cos_pa, sin_pa = math.cos(position_angle[i]), math.sin(position_angle[i])
         major = dx * cos_pa + dy * sin_pa
         minor = (-dx * sin_pa + dy * cos_pa) / q
         radius_ell = np.sqrt(major * major + minor * minor) / np.float32(r_e)
@@ -388,8 +397,30 @@ def _write_tile_band(
         dither_seed=1 + geometry.index * 16 + band_index,
     )
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    fits.HDUList([primary, comp]).writeto(tmp, overwrite=True)
+    with _reproducible_gzip():
+        fits.HDUList([primary, comp]).writeto(tmp, overwrite=True)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _reproducible_gzip():
+    """Make astropy's gzip fallback codec write a zero timestamp.
+
+    Tiles that cannot be quantised (all NaN, e.g. the NaN borders) are stored GZIP-compressed,
+    and Python's ``gzip.compress`` stamps the current time into each stream, which would make
+    the files differ from run to run. astropy has no option for it, so its module-level alias is
+    swapped for the duration of the write (a no-op if astropy renames it).
+    """
+    try:
+        from astropy.io.fits.hdu.compressed import _codecs
+    except ImportError:  # pragma: no cover - layout of another astropy version
+        yield
+        return
+    if not hasattr(_codecs, "gzip_compress"):  # pragma: no cover
+        yield
+        return
+    with mock.patch.object(_codecs, "gzip_compress", functools.partial(gzip.compress, mtime=0)):
+        yield
 
 
 def _check_arguments(
