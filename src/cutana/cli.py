@@ -131,6 +131,13 @@ def run_command(args: argparse.Namespace, snakemake_args: Sequence[str]) -> int:
 
     try:
         raw = _load_config(args.config)
+    except FileNotFoundError as error:
+        _error(str(error))
+        return EXIT_USAGE
+    except Exception as error:  # YAML/TOML syntax errors do not name the file: we do
+        _error(f"cannot read config file {args.config}: {error}")
+        return EXIT_USAGE
+    try:
         orchestrator = Orchestrator(
             raw,
             snakemake_args=snakemake_args,
@@ -138,11 +145,8 @@ def run_command(args: argparse.Namespace, snakemake_args: Sequence[str]) -> int:
             profile=args.profile,
             poll_interval=0.5,
         )
-    except (CutanaError, FileNotFoundError, ValueError) as error:
-        _error(str(error))
-        return EXIT_USAGE
-    except Exception as error:  # e.g. a YAML syntax error: say which file
-        _error(f"cannot read config file {args.config}: {error}")
+    except (CutanaError, ValueError) as error:
+        _error(f"{args.config}: {error}")
         return EXIT_USAGE
 
     print(f"cutana: output in {orchestrator.output_dir}", file=sys.stderr)
