@@ -41,7 +41,7 @@ need_root() { [ "$(id -u)" = 0 ] || die "must run as root (apt-get, /etc/slurm, 
 # so this never matches e.g. an editor that has "slurmd" in a path). Zombies are skipped: the
 # daemons fork into the background and, without systemd as init, the exited parent can linger.
 daemon_pid() {
-    ps -C "$1" -o pid=,stat= 2>/dev/null | awk '$2 !~ /^Z/ {print $1; exit}'
+    { ps -C "$1" -o pid=,stat= 2>/dev/null || true; } | awk '$2 !~ /^Z/ {print $1; exit}'
 }
 
 # the daemons fork into the background: wait until the forked daemon is there
