@@ -61,7 +61,10 @@ def stamp_sizes(
     with np.errstate(divide="ignore", invalid="ignore"):
         from_arcsec = np.rint(arcsec[:, None] / scales)
     base = np.where(use_pixels[:, None], pixels[:, None], from_arcsec)
-    bad = ~np.isfinite(base).all(axis=1) | (base <= 0).any(axis=1)
+    usable_arcsec = np.isfinite(arcsec) & (arcsec > 0)
+    # A tiny but positive diameter may round to 0 pixels: that is clamped to 1 below, not an
+    # error; only rows without any positive, finite diameter are.
+    bad = ~(use_pixels | (usable_arcsec & np.isfinite(scales).all(axis=1) & (scales > 0).all(1)))
     if bad.any():
         rows = np.flatnonzero(bad)[:10].tolist()
         raise CatalogueValidationError(
@@ -70,7 +73,7 @@ def stamp_sizes(
             f"diameter_arcsec={arcsec[bad][:10].tolist()}. Fix: give a positive, finite "
             "'diameter_pixel' or 'diameter_arcsec' for every source."
         )
-    sizes = np.rint(base * float(padding_factor))
+    sizes = np.rint(np.where(bad[:, None], 1.0, base) * float(padding_factor))
     return np.maximum(sizes, 1).astype(np.int64).reshape(n_rows, n_bands)
 
 
