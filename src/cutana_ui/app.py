@@ -464,7 +464,9 @@ class CutanaApp:
             "cutana-stop",
         )
         self.progress = _cls(
-            w.FloatProgress(value=0.0, min=0.0, max=100.0, description="Progress", style=st),
+            w.FloatProgress(
+                value=0.0, min=0.0, max=100.0, description="Progress", style=st, layout=lay(520)
+            ),
             "cutana-progress",
         )
         self.run_status = _cls(w.HTML("<i>Not started.</i>"), "cutana-run-status")
