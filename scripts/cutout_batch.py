@@ -1,11 +1,21 @@
 """Snakemake adapter of rule cutout_batch: process one batch (SPEC §3.3)."""
 
-from cutana.engine import run_batch
+import shutil
+from pathlib import Path
+
 from script_logging import logged_step
+
+from cutana.engine import run_batch
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 
 with logged_step(smk.log[0], smk.config["log_level"], "cutout_batch") as log:
+    # A killed earlier attempt of this batch may have left its temporary folder/file behind
+    # (writes are tmp + rename); only this batch's leftovers are removed, other jobs run on.
+    for output in (smk.output.batch_dir, smk.output.status):
+        for leftover in Path(output).parent.glob(f"{Path(output).name}.tmp-*"):
+            log.info("removing the leftover of an interrupted attempt: %s", leftover)
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     # Recorded so the declared memory can be checked against the measured peak (benchmark).
-    log.info("declared resources: mem_mb=%s attempt=%s", smk.resources.mem_mb, smk.attempt)
+    log.info("declared resources: mem_mb=%s", smk.resources.mem_mb)
     run_batch(smk.input.batch, smk.output.batch_dir, smk.output.status, dict(smk.config))

@@ -166,6 +166,12 @@ def all_status_files(wildcards):
     return expand(PATHS.status, batch=names)
 
 
+def all_batch_dirs(wildcards):
+    """Input function of merge_index: every batch folder, so that a deleted folder is remade
+    (Snakemake only reruns a job for outputs that a downstream job asks for)."""
+    return expand(PATHS.batch_dir, batch=manifest_batch_names())
+
+
 def all_benchmarks(wildcards):
     """Benchmark files of the stages and of every cutout job (for the run summary's timings;
     absent ones, e.g. of the demo rule, are skipped by cutana.index)."""

@@ -4,6 +4,7 @@
 rule merge_index:
     input:
         status=all_status_files,
+        batch_dirs=all_batch_dirs,
         batches=rules.split_catalogue.output.batches,
         memory_model=rules.profile_memory.output.model,
     output:

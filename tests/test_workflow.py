@@ -1,0 +1,234 @@
+"""End-to-end tests of the Snakemake workflow on a tiny demo survey made by the workflow itself.
+
+Snakemake runs as a subprocess exactly as a user runs it (the repository's Snakefile, a config
+file, ``--directory``). One uninterrupted Zarr run is shared by the tests that only read it; the
+rerun tests change it in the order pytest runs them (file order).
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+import zarr
+
+from cutana.paths import snakefile
+
+pytestmark = pytest.mark.slow
+
+CONFIG = {
+    "source_catalogue": "demo/catalogue.csv",
+    "output_dir": "out",
+    "target_resolution": 32,
+    "N_batch_cutout_process": 10,
+    "normalisation_method": "asinh",
+    "channel_weights": {
+        "VIS": [1.0, 0.0, 0.0],
+        "NIR_Y": [0.0, 0.7, 0.0],
+        "NIR_J": [0.0, 0.3, 0.5],
+        "NIR_H": [0.0, 0.0, 0.5],
+    },
+    "memory": {"profile_sources": 10},
+    "gallery": {"n_samples": 9},
+    "demo": {"dir": "demo", "n_sources": 40, "tile_size": 400, "max_diameter_pixel": 64},
+}
+STATUSES = {"ok", "partial", "no_overlap", "failed"}
+
+
+def snakemake_command(work_dir, *extra):
+    return [
+        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile()),
+        "--directory", str(work_dir), "--configfile", str(work_dir / "config.yaml"),
+        "--cores", "2", *extra,
+    ]  # fmt: skip
+
+
+def write_config(work_dir, **overrides):
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config = {**CONFIG, **overrides}
+    (work_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def run_snakemake(work_dir, *extra):
+    completed = subprocess.run(
+        snakemake_command(work_dir, *extra), capture_output=True, text=True, timeout=600
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-6000:]
+    return output
+
+
+def job_counts(output):
+    """Finished jobs per rule, from Snakemake's log lines (empty when nothing ran)."""
+    return Counter(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", output))
+
+
+def batch_folders(out_dir):
+    return sorted(p for p in out_dir.glob("batch_cutout_process_*") if p.is_dir())
+
+
+def zarr_images(out_dir):
+    """Images of every batch folder, keyed by folder name."""
+    return {
+        folder.name: zarr.open_group(folder / "images.zarr", mode="r")["images"][:]
+        for folder in batch_folders(out_dir)
+    }
+
+
+@pytest.fixture(scope="module")
+def zarr_run(tmp_path_factory):
+    """One complete Zarr run of the demo (the workflow makes the demo survey itself)."""
+    work_dir = tmp_path_factory.mktemp("zarr_run")
+    write_config(work_dir)
+    output = run_snakemake(work_dir)
+    return work_dir, output
+
+
+def test_zarr_run_indexes_every_catalogue_row(zarr_run):
+    work_dir, output = zarr_run
+    out = work_dir / "out"
+    catalogue = pd.read_csv(work_dir / "demo" / "catalogue.csv")
+    index = pd.read_parquet(out / "source_to_zarr_mapping.parquet")
+    assert list(index.columns) == [
+        "SourceID", "RA", "Dec", "zarr_file", "batch_index", "idx_in_zarr", "status", "reason",
+    ]  # fmt: skip
+    assert index["SourceID"].tolist() == catalogue["SourceID"].astype(str).tolist()
+    assert np.allclose(index["RA"], catalogue["RA"]) and np.allclose(index["Dec"], catalogue["Dec"])
+    assert set(index["status"]) <= STATUSES
+    # The demo's images have invalid pixels, so many stamps are "partial"; few miss entirely.
+    assert index["status"].isin(["ok", "partial"]).sum() > len(index) // 2
+
+    manifest = json.loads((out / ".cutana" / "batches" / "manifest.json").read_text())
+    assert len(batch_folders(out)) == len(manifest["batches"]) >= 4
+    images = zarr_images(out)
+    with_image = index[index["idx_in_zarr"] >= 0]
+    assert with_image["status"].isin(["ok", "partial"]).all()
+    for zarr_file, rows in with_image.groupby("zarr_file"):
+        stack = images[Path(zarr_file).parent.name]
+        assert stack.shape[1:] == (32, 32, 3)
+        assert sorted(rows["idx_in_zarr"]) == list(range(len(stack)))
+        assert np.isfinite(stack).all()
+
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["total_sources"] == len(catalogue)
+    assert sum(summary["counts"].values()) == len(catalogue)
+    assert summary["counts"]["ok"] == (index["status"] == "ok").sum()
+    assert summary["timings"]["cutout_batch"]["jobs"] == len(manifest["batches"])
+    assert "target_resolution = 32" in (out / "cutana_config.toml").read_text()
+    assert (out / "gallery.png").stat().st_size > 0
+    assert (out / "gallery.html").stat().st_size > 0
+    counts = job_counts(output)
+    assert counts["cutout_batch"] == len(manifest["batches"])
+    assert counts["make_demo_survey"] == counts["profile_memory"] == 1
+
+
+def test_declared_memory_covers_measured_peak(zarr_run):
+    work_dir, _ = zarr_run
+    work = work_dir / "out" / ".cutana"
+    checked = 0
+    for log in sorted((work / "logs" / "cutout_batch").glob("*.log")):
+        declared = int(re.search(r"declared resources: mem_mb=(\d+)", log.read_text())[1])
+        benchmark = pd.read_csv(
+            work / "benchmarks" / "cutout_batch" / f"{log.stem}.tsv", sep="\t", na_values=["-"]
+        )
+        peak = benchmark["max_rss"].iloc[0]
+        if np.isfinite(peak):  # NA when a job ends before Snakemake's first sample
+            assert declared >= peak, f"{log.stem}: declared {declared} MB < peak {peak} MB"
+            checked += 1
+    assert checked >= 1
+    model = json.loads((work / "memory_model.json").read_text())
+    assert model["sample"]["peak_mb"] > 0 and model["mb_per_unit"] > 0
+
+
+def test_second_run_has_nothing_to_do(zarr_run):
+    work_dir, _ = zarr_run
+    output = run_snakemake(work_dir)
+    assert "Nothing to be done" in output
+    assert job_counts(output).get("cutout_batch", 0) == 0
+
+
+def test_deleting_one_batch_reruns_only_that_batch(zarr_run):
+    work_dir, _ = zarr_run
+    out = work_dir / "out"
+    before = zarr_images(out)
+    folders = batch_folders(out)
+    victim = folders[1]
+    untouched_mtimes = {f.name: (f / "images_metadata.parquet").stat().st_mtime_ns for f in folders}
+    del untouched_mtimes[victim.name]
+    subprocess.run(["rm", "-rf", str(victim)], check=True)
+
+    counts = job_counts(run_snakemake(work_dir))
+    assert counts["cutout_batch"] == 1
+    assert victim.is_dir()
+    for name, mtime in untouched_mtimes.items():
+        assert (out / name / "images_metadata.parquet").stat().st_mtime_ns == mtime
+    after = zarr_images(out)
+    np.testing.assert_array_equal(after[victim.name], before[victim.name])
+
+
+def test_fits_output(zarr_run, tmp_path):
+    demo_catalogue = zarr_run[0] / "demo" / "catalogue.csv"
+    write_config(
+        tmp_path, output_format="fits", source_catalogue=str(demo_catalogue),
+        N_batch_cutout_process=20,
+    )  # fmt: skip
+    counts = job_counts(run_snakemake(tmp_path))
+    assert "make_demo_survey" not in counts
+    from astropy.io import fits
+
+    out = tmp_path / "out"
+    index = pd.read_parquet(out / "source_to_zarr_mapping.parquet")
+    assert "fits_file" in index.columns and "zarr_file" not in index.columns
+    assert len(index) == CONFIG["demo"]["n_sources"]
+    with_image = index[index["status"].isin(["ok", "partial"])]
+    assert len(with_image) > 0
+    assert index.loc[~index.index.isin(with_image.index), "fits_file"].isna().all()
+    for row in with_image.itertuples():
+        with fits.open(out / row.fits_file) as hdul:
+            assert hdul[0].header["SOURCE"] == row.SourceID
+            assert [h.data.shape for h in hdul[1:]] == [(32, 32)] * 3
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(zarr_run, tmp_path):
+    reference_dir = zarr_run[0]
+    write_config(tmp_path, source_catalogue=str(reference_dir / "demo" / "catalogue.csv"))
+    status_dir = tmp_path / "out" / ".cutana" / "status"
+    process = subprocess.Popen(
+        snakemake_command(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, so the kill reaches every job
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not (status_dir.is_dir() and any(status_dir.glob("*.parquet"))):
+            assert process.poll() is None, "the run ended before any batch finished"
+            assert time.monotonic() < deadline, "no batch finished in time"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "out" / "source_to_zarr_mapping.parquet").exists()
+
+    run_snakemake(tmp_path, "--unlock")
+    run_snakemake(tmp_path)
+
+    reference_out, resumed_out = reference_dir / "out", tmp_path / "out"
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(resumed_out / "source_to_zarr_mapping.parquet"),
+        pd.read_parquet(reference_out / "source_to_zarr_mapping.parquet"),
+    )
+    reference_images, resumed_images = zarr_images(reference_out), zarr_images(resumed_out)
+    assert reference_images.keys() == resumed_images.keys()
+    for name, images in reference_images.items():
+        np.testing.assert_array_equal(resumed_images[name], images)
+    assert not list(resumed_out.glob("*.tmp-*")), "a partial batch was left behind"
