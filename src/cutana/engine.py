@@ -47,6 +47,7 @@ METADATA_COLUMNS = [
     "valid_fraction",
     "status",
     "wcs_header",
+    "bunit",
 ]
 
 #: Columns of ``BatchResult.index``, in order.
@@ -65,7 +66,10 @@ class BatchResult:
     images : ndarray, shape (M, T, T, C)
         One image per source with status ok/partial, in batch order, of ``cfg["data_type"]``.
     metadata : DataFrame
-        M rows, :data:`METADATA_COLUMNS` (row i describes image i).
+        M rows, :data:`METADATA_COLUMNS` (row i describes image i): SPEC §7.1 plus ``bunit``,
+        the unit of the pixel values when they keep a physical unit (normalisation ``none``
+        with float32 output: ``Jy`` after flux conversion, else the reference band's
+        ``BUNIT``), otherwise "".
     index : DataFrame
         One row per batch row, :data:`INDEX_COLUMNS`.
     """
@@ -298,6 +302,7 @@ def process_batch(batch_df: pd.DataFrame, cfg: Mapping) -> BatchResult:
         columns=INDEX_COLUMNS,
     )
     metadata = _metadata(batch_df, plans[0], todo, status, valid_fraction, target)
+    metadata["bunit"] = _pixel_unit(plans[0], todo, cfg)
     return BatchResult(images=images, metadata=metadata, index=index)
 
 
@@ -361,6 +366,19 @@ def _metadata(
         },
         columns=METADATA_COLUMNS,
     )
+
+
+def _pixel_unit(reference: _BandPlan, todo: np.ndarray, cfg: Mapping) -> list[str]:
+    """Unit of each image's pixels: only unstretched float32 values keep a physical unit."""
+    if cfg.get("normalisation_method") != "none" or cfg.get("data_type") != "float32":
+        return [""] * len(todo)
+    if cfg.get("apply_flux_conversion"):
+        return ["Jy"] * len(todo)
+    units = []
+    for row in todo:
+        handle = reference.handles.get(reference.file_of_row[row])
+        units.append((handle.bunit or "") if handle is not None else "")
+    return units
 
 
 def _batch_index(name: str) -> int:
