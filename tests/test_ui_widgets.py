@@ -490,6 +490,9 @@ def test_start_requires_catalogue():
     app.catalogue_path.value = ""
     with pytest.raises(ValueError, match="catalogue"):
         app.start_run()
+    app.start_button.click()  # the button shows the same error next to the run controls
+    assert "choose a catalogue first" in app.run_status.value
+    assert app.orchestrator is None
 
 
 # --------------------------------------------------------------------------- entry point

@@ -470,7 +470,7 @@ class CutanaApp:
             "cutana-progress",
         )
         self.run_status = _cls(w.HTML("<i>Not started.</i>"), "cutana-run-status")
-        self.start_button.on_click(lambda _b: self._safe(self.start_run))
+        self.start_button.on_click(lambda _b: self._safe(self.start_run, self.run_status))
         self.stop_button.on_click(lambda _b: self.stop_run())
 
         # Step 6: results ----------------------------------------------------------------------
@@ -602,13 +602,14 @@ class CutanaApp:
         return _cls(w.VBox([style, title, step1, step2, step3, step4, step5, step6]), "cutana-ui")
 
     # ------------------------------------------------------------------ helpers
-    def _safe(self, fn: Callable[[], Any]) -> None:
+    def _safe(self, fn: Callable[[], Any], target: w.HTML | None = None) -> None:
         """Run a button action, showing errors in the UI instead of losing them in the log."""
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - shown to the user
             logger.exception("cutana UI action failed")
-            self.config_message.value = f"<span style='color:#b00020'>{_html(str(exc))}</span>"
+            target = target if target is not None else self.config_message
+            target.value = f"<span style='color:#b00020'>{_html(str(exc))}</span>"
 
     def _update_visibility(self) -> None:
         used = METHOD_PARAMETERS[self.normalisation_method.value]
