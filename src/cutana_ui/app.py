@@ -523,7 +523,9 @@ class CutanaApp:
             f".cutana-ui .cutana-step-title {{ font-size: {16 * s:.1f}px; margin: {8 * s:.0f}px 0"
             f" {4 * s:.0f}px 0; }}"
             f".cutana-ui table {{ font-size: {12 * s:.1f}px; border-collapse: collapse; }}"
-            ".cutana-ui th, .cutana-ui td { text-align: left; padding: 1px 8px 1px 0; }"
+            # Jupyter's rendered-HTML table style pads cells generously; keep the summary compact.
+            ".cutana-ui table th, .cutana-ui table td { text-align: left;"
+            " padding: 1px 10px 1px 0 !important; line-height: 1.4; }"
             ".cutana-ui .cutana-problems { color: #b00020; }"
             ".cutana-ui .cutana-no-problems { color: #1b7a1b; }"
             "</style>"
