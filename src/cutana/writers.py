@@ -1,0 +1,443 @@
+"""Output writers of a batch: Zarr v3 + Parquet (SPEC §7.1) or one FITS file per source (§7.2).
+
+Both writers are atomic: the batch folder is built under a temporary name next to its final
+place (``{batch_dir}.tmp-<pid>``), flushed to disk and renamed into place with ``os.replace``.
+A batch folder therefore either is complete or does not exist, whatever kills the writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from astropy.io import fits
+from zarr.codecs import BloscCodec
+
+from .exceptions import CutanaError
+
+logger = logging.getLogger(__name__)
+
+#: Target size of one Zarr shard (uncompressed): large enough for few files per batch, small
+#: enough that a reader fetching one image does not pull a huge object over a network store.
+SHARD_TARGET_BYTES = 64 * 1024 * 1024
+
+#: Longest file-name stem derived from a SourceID (the hash suffix comes on top).
+MAX_STEM_LENGTH = 100
+
+#: Characters kept as they are in file names; everything else becomes "_".
+_UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
+
+#: Device names Windows refuses as file names (outputs may be copied to such systems).
+_RESERVED_STEMS = {"con", "prn", "aux", "nul"} | {
+    f"{p}{i}" for p in ("com", "lpt") for i in range(10)
+}
+
+#: Header keywords that describe the HDU structure; never copied from a WCS header text.
+_STRUCTURAL_KEYS = {"SIMPLE", "BITPIX", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT", "END"}
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic batch folders
+# --------------------------------------------------------------------------------------------
+
+
+def _temporary_sibling(batch_dir: Path, tag: str) -> Path:
+    return batch_dir.with_name(f"{batch_dir.name}.{tag}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(batch_dir: Path) -> None:
+    """Delete ``{name}.tmp-<pid>``/``{name}.old-<pid>`` left by writers that were killed."""
+    for stale in batch_dir.parent.glob(f"{_glob_escape(batch_dir.name)}.*-*"):
+        tag, _, pid_text = stale.name[len(batch_dir.name) + 1 :].rpartition("-")
+        if tag not in ("tmp", "old") or not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _glob_escape(name: str) -> str:
+    """Escape glob metacharacters of a literal file name."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk, so the rename publishes data."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_directory(Path(directory))
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(batch_dir: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and move it into place when the block succeeds.
+
+    Parameters
+    ----------
+    batch_dir : path-like
+        Final location. An existing directory there is replaced as a whole.
+
+    Yields
+    ------
+    pathlib.Path
+        The empty temporary directory to fill.
+
+    Notes
+    -----
+    On an exception the temporary directory is removed and ``batch_dir`` is left untouched (an
+    older complete version stays, or nothing). Replacing an existing folder needs two renames
+    (Linux cannot rename over a non-empty directory); between them ``batch_dir`` is briefly
+    absent, never partial.
+    """
+    batch_dir = Path(batch_dir)
+    batch_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(batch_dir)
+    tmp = _temporary_sibling(batch_dir, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if batch_dir.exists():
+            old = _temporary_sibling(batch_dir, "old")
+            os.replace(batch_dir, old)
+            os.replace(tmp, batch_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, batch_dir)
+        _fsync_directory(batch_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Zarr + Parquet
+# --------------------------------------------------------------------------------------------
+
+
+def _check_batch(images: np.ndarray, metadata_df: pd.DataFrame, writer: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise CutanaError(
+            f"{writer}: images must have shape (N, H, W, C), got shape {images.shape}; "
+            "add a channel axis for single-channel cutouts"
+        )
+    if len(metadata_df) != images.shape[0]:
+        raise CutanaError(
+            f"{writer}: metadata has {len(metadata_df)} rows but there are {images.shape[0]} "
+            "images; give exactly one metadata row per image (row i describes image i)"
+        )
+    return images
+
+
+def shard_length(image_shape: Sequence[int], dtype: np.dtype, n_images: int) -> int:
+    """Number of images per Zarr shard: about :data:`SHARD_TARGET_BYTES`, at least 1.
+
+    Parameters
+    ----------
+    image_shape : sequence of int
+        (H, W, C) of one image.
+    dtype : numpy dtype
+    n_images : int
+        Images in the batch; a shard never holds more than the batch.
+    """
+    image_bytes = max(1, int(np.prod(image_shape)) * np.dtype(dtype).itemsize)
+    return int(max(1, min(max(n_images, 1), SHARD_TARGET_BYTES // image_bytes)))
+
+
+def _write_parquet(metadata_df: pd.DataFrame, path: Path) -> None:
+    table = pa.Table.from_pandas(metadata_df.reset_index(drop=True), preserve_index=False)
+    pq.write_table(table, path)
+
+
+def write_zarr_batch(
+    batch_dir: str | os.PathLike,
+    images: np.ndarray,
+    metadata_df: pd.DataFrame,
+    attributes: Mapping | None = None,
+) -> Path:
+    """Write a batch as ``images.zarr`` (Zarr v3) plus ``images_metadata.parquet``, atomically.
+
+    Parameters
+    ----------
+    batch_dir : path-like
+        ``{output_dir}/batch_cutout_process_{batch}``; replaced as a whole if it exists.
+    images : ndarray, shape (N, H, W, C)
+        The cutouts, stored with their dtype. N may be 0.
+    metadata_df : DataFrame
+        N rows; row i describes image i (SPEC §7.1 columns).
+    attributes : mapping, optional
+        JSON-serialisable attributes stored on the Zarr group (e.g. channel names).
+
+    Returns
+    -------
+    pathlib.Path
+        ``batch_dir``.
+
+    Notes
+    -----
+    The array ``images`` has one chunk per image (readers fetch single images cheaply) inside
+    shards of many images (few files on disk), Blosc/zstd compressed with byte shuffle. The
+    whole array is written in one call, which lets Zarr encode the chunks of a shard together.
+    """
+    images = _check_batch(images, metadata_df, "write_zarr_batch")
+    n_images, height, width, channels = images.shape
+    # Zarr needs non-zero chunk sides even for an empty array.
+    chunk = (1, max(height, 1), max(width, 1), max(channels, 1))
+    shard = (shard_length(chunk[1:], images.dtype, n_images), *chunk[1:])
+    batch_dir = Path(batch_dir)
+    with atomic_directory(batch_dir) as tmp:
+        group = zarr.open_group(tmp / "images.zarr", mode="w", zarr_format=3)
+        if attributes:
+            group.attrs.update(dict(attributes))
+        array = group.create_array(
+            "images",
+            shape=images.shape,
+            chunks=chunk,
+            shards=shard,
+            dtype=images.dtype,
+            # zstd level 1: compresses noisy float cutouts as well as level 3 (ratio ~1.3) and
+            # uint8 ones better than lz4, at a third of level 3's time.
+            compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+            fill_value=0,
+            dimension_names=("image", "y", "x", "channel"),
+        )
+        if n_images:
+            array[:] = images
+        _write_parquet(metadata_df, tmp / "images_metadata.parquet")
+    return batch_dir
+
+
+# --------------------------------------------------------------------------------------------
+# FITS
+# --------------------------------------------------------------------------------------------
+
+
+def safe_filename(source_id: object, used: set[str] | None = None) -> str:
+    """A file-name stem derived from a SourceID that can never leave its folder.
+
+    Parameters
+    ----------
+    source_id : object
+        The catalogue's SourceID (any value; it is data, not a path).
+    used : set of str, optional
+        Stems already taken in the folder (compared case-insensitively, for case-insensitive
+        file systems); the new stem is added to it.
+
+    Returns
+    -------
+    str
+        Only ``[A-Za-z0-9._-]``, no leading dot, at most ``MAX_STEM_LENGTH + 9`` characters,
+        never empty. When the ID had to be changed (unsafe characters, truncation, empty, a
+        reserved device name) or collides with a stem in ``used``, ``_`` plus the first 8 hex
+        digits of the SHA-1 of the original ID is appended, so distinct IDs keep distinct names.
+    """
+    original = "" if source_id is None else str(source_id)
+    digest = hashlib.sha1(original.encode("utf-8", "surrogatepass")).hexdigest()
+    stem = _UNSAFE_CHARACTERS.sub("_", original).lstrip(".")
+    changed = stem != original
+    if len(stem) > MAX_STEM_LENGTH:
+        stem, changed = stem[:MAX_STEM_LENGTH], True
+    if not stem:
+        stem, changed = "source", True
+    if stem.split(".")[0].casefold() in _RESERVED_STEMS:
+        changed = True
+    taken = {name.casefold() for name in used} if used is not None else set()
+    if changed or stem.casefold() in taken:
+        stem = f"{stem}_{digest[:8]}"
+    # Identical IDs (or a hash clash) still get distinct names.
+    candidate, counter = stem, 1
+    while candidate.casefold() in taken:
+        candidate, counter = f"{stem}_{counter}", counter + 1
+    if used is not None:
+        used.add(candidate)
+    return candidate
+
+
+def default_channel_names(cfg: Mapping, n_channels: int) -> list[str]:
+    """Channel names of the output: the band names when the mixing is the identity, else CH0...
+
+    Parameters
+    ----------
+    cfg : mapping
+        Validated configuration (``channel_weights``).
+    n_channels : int
+        C, the number of output channels.
+    """
+    weights = cfg.get("channel_weights") or {}
+    bands = list(weights)
+    if len(bands) == n_channels:
+        matrix = np.array([list(w) for w in weights.values()], dtype=float)
+        identity = matrix.shape == (n_channels, n_channels) and np.array_equal(
+            matrix, np.eye(n_channels)
+        )
+        printable = all(name.isascii() and name.isprintable() and len(name) <= 68 for name in bands)
+        if identity and printable:
+            return bands
+    return [f"CH{c}" for c in range(n_channels)]
+
+
+def _header_from_text(text: object) -> fits.Header:
+    """Cards of a WCS header text (``sep="\\n"`` or plain 80-column cards); empty if none."""
+    if not isinstance(text, str) or not text.strip():
+        return fits.Header()
+    header = fits.Header.fromstring(text, sep="\n" if "\n" in text else "")
+    for key in list(header.keys()):
+        if key in _STRUCTURAL_KEYS or key.startswith("NAXIS"):
+            header.remove(key, remove_all=True)
+    return header
+
+
+def _value(row: Mapping, key: str, default=None):
+    value = row.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, float) and not math.isfinite(value):
+        return default
+    if value is pd.NA or value is pd.NaT:
+        return default
+    return value
+
+
+def _primary_header(row: Mapping, cfg: Mapping, image_side: int, n_channels: int) -> fits.Header:
+    header = fits.Header()
+    source_id = str(_value(row, "source_id", ""))
+    # FITS string values are ASCII; the exact SourceID (maybe not ASCII) stays in the index.
+    header["SOURCE"] = (source_id.encode("ascii", "replace").decode("ascii"), "SourceID")
+    # FITS headers cannot hold NaN: unknown values are left out rather than invented.
+    for key, card, comment in (
+        ("ra", "RA", "[deg] ICRS right ascension of the source"),
+        ("dec", "DEC", "[deg] ICRS declination of the source"),
+    ):
+        value = _value(row, key)
+        if value is not None:
+            header[card] = (float(value), comment)
+    size_pixel = _value(row, "extraction_size", _value(row, "diameter_pixel"))
+    if size_pixel is not None:
+        header["SIZEPIX"] = (int(round(float(size_pixel))), "stamp side in input pixels")
+    scale = _value(row, "pixel_scale_arcsec")
+    size_arcsec = float(scale) * image_side if scale is not None else _value(row, "diameter_arcsec")
+    if size_arcsec is not None:
+        header["SIZEARC"] = (float(size_arcsec), "[arcsec] stamp side on the sky")
+    header["STRETCH"] = (str(cfg.get("normalisation_method", "")), "normalisation method")
+    header["DTYPE"] = (str(cfg.get("data_type", "")), "output data type")
+    header["NCHAN"] = (n_channels, "number of image extensions (channels)")
+    for key, card, comment in (
+        ("status", "STATUS", "ok, or partial: crosses an edge/invalid pixels"),
+        ("valid_fraction", "VALIDFR", "fraction of valid pixels"),
+        ("tile", "TILE", "input tile id"),
+    ):
+        value = _value(row, key)
+        if value is not None:
+            value = float(value) if isinstance(value, (float, np.floating)) else str(value)
+            header[card] = (value, comment)
+    header["ORIGIN"] = "cutana"
+    return header
+
+
+def _bunit(row: Mapping, cfg: Mapping) -> str | None:
+    unit = _value(row, "bunit")
+    if unit is not None and str(unit).strip():
+        return str(unit)
+    # Without a stretch the pixels keep their physical unit: Jy after flux conversion.
+    if cfg.get("normalisation_method") == "none" and cfg.get("data_type") == "float32":
+        if cfg.get("apply_flux_conversion"):
+            return "Jy"
+    return None
+
+
+def write_fits_batch(
+    batch_dir: str | os.PathLike,
+    images: np.ndarray,
+    metadata_df: pd.DataFrame,
+    cfg: Mapping,
+    channel_names: Sequence[str] | None = None,
+) -> list[str]:
+    """Write one FITS file per cutout into ``batch_dir``, atomically.
+
+    Parameters
+    ----------
+    batch_dir : path-like
+        ``{output_dir}/batch_cutout_process_{batch}``; replaced as a whole if it exists.
+    images : ndarray, shape (N, H, W, C)
+    metadata_df : DataFrame
+        N rows (SPEC §7.1 columns); ``source_id`` names the file, ``wcs_header`` (FITS header
+        text) gives each extension its WCS, an optional ``bunit`` column its BUNIT.
+    cfg : mapping
+        Validated configuration (``normalisation_method``, ``data_type``, ``channel_weights``).
+    channel_names : sequence of str, optional
+        EXTNAME per channel; default :func:`default_channel_names`.
+
+    Returns
+    -------
+    list of str
+        File name (relative to ``batch_dir``) of each image, in image order.
+
+    Notes
+    -----
+    Each file has a data-less PRIMARY HDU (SOURCE, RA, DEC, SIZEPIX, SIZEARC, STRETCH, DTYPE)
+    and one image HDU per channel with EXTNAME = channel name, the cutout's WCS and BUNIT when
+    known. CHECKSUM/DATASUM cards let readers verify the files.
+    """
+    images = _check_batch(images, metadata_df, "write_fits_batch")
+    n_images, height, _, n_channels = images.shape
+    names = list(channel_names) if channel_names is not None else None
+    if names is None:
+        names = default_channel_names(cfg, n_channels)
+    if len(names) != n_channels:
+        raise CutanaError(
+            f"write_fits_batch: {len(names)} channel names {names!r} for {n_channels} channels; "
+            "give one name per output channel"
+        )
+    rows = metadata_df.reset_index(drop=True).to_dict("records")
+    used: set[str] = set()
+    file_names = []
+    batch_dir = Path(batch_dir)
+    with atomic_directory(batch_dir) as tmp:
+        for i in range(n_images):
+            row = rows[i]
+            file_name = safe_filename(row.get("source_id", ""), used) + ".fits"
+            wcs_header = _header_from_text(row.get("wcs_header"))
+            unit = _bunit(row, cfg)
+            hdus = [fits.PrimaryHDU(header=_primary_header(row, cfg, height, n_channels))]
+            for c, name in enumerate(names):
+                hdu = fits.ImageHDU(data=np.ascontiguousarray(images[i, :, :, c]), name=name)
+                hdu.header.extend(wcs_header.cards, update=True)
+                if unit:
+                    hdu.header["BUNIT"] = unit
+                hdus.append(hdu)
+            fits.HDUList(hdus).writeto(tmp / file_name, checksum=True)
+            file_names.append(file_name)
+    return file_names
