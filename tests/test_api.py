@@ -484,13 +484,13 @@ def test_error_from_log_prefers_the_script_exception(tmp_path):
 
 # --------------------------------------------------------------------------- real workflow
 
-N_SOURCES = 60
+N_SOURCES = 40
 BATCH = 10
 
 
 @pytest.fixture(scope="module")
 def demo_survey(tmp_path_factory):
-    """A tiny 4-band demo survey: one 256-pixel tile, 60 sources of 8-24 pixels."""
+    """A tiny 4-band demo survey: one 256-pixel tile, 40 sources of 8-24 pixels."""
     demo = pytest.importorskip("cutana.demo")
     pytest.importorskip("cutana.engine")
     out = tmp_path_factory.mktemp("demo")
@@ -568,7 +568,9 @@ def test_real_stop_mid_run_then_resume_equals_uninterrupted(
     orchestrator = Orchestrator(config, poll_interval=0.2)
     orchestrator.start_processing(wait=False)
     deadline = time.time() + 120
-    while orchestrator.get_progress()["completed_batches"] < 1 and time.time() < deadline:
+    # Stop after two batches: the one running at the stop may lose its outputs (Snakemake
+    # deletes the outputs of jobs it has not registered as finished), the other stays.
+    while orchestrator.get_progress()["completed_batches"] < 2 and time.time() < deadline:
         assert orchestrator.is_running(), orchestrator.result
         time.sleep(0.1)
     stopped = orchestrator.stop_processing()
@@ -598,18 +600,6 @@ def test_real_stop_mid_run_then_resume_equals_uninterrupted(
     assert images.keys() == full_images.keys()
     for name in images:
         np.testing.assert_array_equal(images[name], full_images[name])
-
-
-@pytest.mark.slow
-def test_real_dataframe_catalogue_via_start_processing(demo_survey, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    catalogue = pd.read_csv(demo_survey[1]).head(12)
-    config = _demo_config(demo_survey, tmp_path / "out")
-    config.source_catalogue = None
-    result = Orchestrator(config).start_processing(catalogue)
-    assert result["status"] == "completed", result["error"]
-    assert result["total_sources"] == 12
-    assert len(pd.read_parquet(result["mapping_path"])) == 12
 
 
 @pytest.mark.slow
