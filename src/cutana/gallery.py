@@ -1,0 +1,275 @@
+"""Preview gallery of a run: a PNG grid and a small HTML page of sample cutouts (SPEC §3.4).
+
+Samples are chosen deterministically (evenly spaced over the sources with status ``ok`` or
+``partial``), read back from the run's outputs (Zarr or FITS) and drawn with matplotlib's Agg
+backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import zarr
+from astropy.io import fits
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .exceptions import CutanaError
+
+logger = logging.getLogger(__name__)
+
+#: Largest side of an HTML thumbnail in pixels (bigger cutouts are shrunk by area averaging).
+THUMBNAIL_SIDE = 192
+
+#: Statuses whose cutouts exist on disk.
+SHOWN_STATUSES = ("ok", "partial")
+
+
+def select_samples(index_df: pd.DataFrame, n_samples: int) -> pd.DataFrame:
+    """Up to ``n_samples`` rows with an image, evenly spaced over the index, in index order.
+
+    Parameters
+    ----------
+    index_df : DataFrame
+        The merged index (``status`` column); sorted by ``row_index`` when present so the choice
+        does not depend on the order the batches finished in.
+    n_samples : int
+
+    Returns
+    -------
+    DataFrame
+        The chosen rows (a copy).
+    """
+    if "status" not in index_df.columns:
+        raise CutanaError(
+            "gallery: the index has no 'status' column (columns: "
+            f"{list(index_df.columns)}); pass source_to_zarr_mapping.parquet"
+        )
+    candidates = index_df[index_df["status"].isin(SHOWN_STATUSES)]
+    if "row_index" in candidates.columns:
+        candidates = candidates.sort_values("row_index", kind="stable")
+    if n_samples <= 0 or candidates.empty:
+        return candidates.iloc[:0].copy()
+    if len(candidates) <= n_samples:
+        return candidates.copy()
+    positions = np.unique(np.round(np.linspace(0, len(candidates) - 1, n_samples)).astype(int))
+    return candidates.iloc[positions].copy()
+
+
+def _zarr_array(path: Path):
+    """The ``images`` array of a batch given its ``images.zarr``, batch folder or the array."""
+    if path.is_dir() and (path / "images.zarr").is_dir():
+        path = path / "images.zarr"
+    node = zarr.open(str(path), mode="r")
+    return node["images"] if isinstance(node, zarr.Group) else node
+
+
+def _read_fits_image(path: Path) -> np.ndarray:
+    """(H, W, C) from the image extensions of a cutout FITS file."""
+    with fits.open(path) as hdul:
+        planes = [hdu.data for hdu in hdul if hdu.is_image and hdu.data is not None]
+        if not planes:
+            raise CutanaError(f"gallery: {path} holds no image data")
+        return np.stack([np.asarray(p) for p in planes], axis=-1)
+
+
+def read_sample_images(
+    output_dir: str | os.PathLike, samples: pd.DataFrame
+) -> list[np.ndarray | None]:
+    """Read each sample's image (H, W, C) from the outputs; None where it cannot be read.
+
+    Parameters
+    ----------
+    output_dir : path-like
+        The run's ``output_dir``; file columns are relative to it.
+    samples : DataFrame
+        Index rows with ``zarr_file`` + ``idx_in_zarr``, or ``fits_file``.
+    """
+    output_dir = Path(output_dir)
+    images: list[np.ndarray | None] = []
+    arrays: dict[str, object] = {}
+    for _, row in samples.iterrows():
+        try:
+            fits_file = row.get("fits_file")
+            zarr_file = row.get("zarr_file")
+            if isinstance(fits_file, str) and fits_file:
+                images.append(_read_fits_image(output_dir / fits_file))
+            elif isinstance(zarr_file, str) and zarr_file:
+                if zarr_file not in arrays:
+                    arrays[zarr_file] = _zarr_array(output_dir / zarr_file)
+                images.append(np.asarray(arrays[zarr_file][int(row["idx_in_zarr"])]))
+            else:
+                raise CutanaError("no zarr_file or fits_file in the index row")
+        except Exception as error:  # a preview must not fail the run: show a placeholder
+            logger.warning("gallery: cannot read the cutout of %s: %s", row.get("SourceID"), error)
+            images.append(None)
+    return images
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """Scale a cutout (H, W, C) for display: float in [0, 1], RGB (H, W, 3) or grey (H, W).
+
+    uint8 is divided by 255; float data are scaled by their finite minimum and maximum
+    (non-finite pixels become 0). Three channels show as RGB, any other number as the grey mean.
+    """
+    data = np.asarray(image)
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.dtype == np.uint8:
+        scaled = data.astype(np.float32) / 255.0
+    else:
+        scaled = data.astype(np.float32)
+        finite = np.isfinite(scaled)
+        if finite.any():
+            low, high = float(scaled[finite].min()), float(scaled[finite].max())
+            span = high - low
+            scaled = (scaled - low) / span if span > 0 else np.zeros_like(scaled)
+        scaled[~finite] = 0.0
+        scaled = np.clip(scaled, 0.0, 1.0)
+    if scaled.shape[-1] == 3:
+        return scaled
+    return scaled.mean(axis=-1)
+
+
+def _thumbnail_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a display image, shrunk to at most :data:`THUMBNAIL_SIDE` pixels."""
+    shown = display_image(image)
+    height, width = shown.shape[:2]
+    factor = THUMBNAIL_SIDE / max(height, width, 1)
+    if factor < 1:
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        shown = cv2.resize(shown, size, interpolation=cv2.INTER_AREA)
+    pixels = np.round(np.clip(shown, 0, 1) * 255).astype(np.uint8)
+    # Rows run bottom-up in astronomy (origin="lower"): flip so north is up as in the PNG grid.
+    pixels = pixels[::-1]
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels))
+    if not ok:  # pragma: no cover - OpenCV always encodes uint8 images
+        raise CutanaError("gallery: PNG encoding of a thumbnail failed")
+    return encoded.tobytes()
+
+
+def _short(text: str, limit: int = 28) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _render_png(path: Path, samples: pd.DataFrame, images: list) -> None:
+    n_images = len(images)
+    if n_images == 0:
+        figure = Figure(figsize=(4, 2), dpi=100)
+        axis = figure.add_subplot()
+        axis.text(0.5, 0.5, "No cutouts with status ok or partial", ha="center", va="center")
+        axis.set_axis_off()
+    else:
+        columns = math.ceil(math.sqrt(n_images))
+        rows = math.ceil(n_images / columns)
+        figure = Figure(figsize=(2.2 * columns, 2.4 * rows), dpi=100)
+        for k, ((_, row), image) in enumerate(zip(samples.iterrows(), images, strict=True)):
+            axis = figure.add_subplot(rows, columns, k + 1)
+            axis.set_axis_off()
+            title = _short(str(row.get("SourceID", "")))
+            if row.get("status") == "partial":
+                title += " (partial)"
+            axis.set_title(title, fontsize=7)
+            if image is None:
+                axis.text(0.5, 0.5, "unavailable", ha="center", va="center", fontsize=8)
+                continue
+            shown = display_image(image)
+            if shown.ndim == 3:
+                axis.imshow(shown, origin="lower", interpolation="nearest")
+            else:
+                axis.imshow(shown, origin="lower", cmap="gray", vmin=0, vmax=1)
+        figure.tight_layout()
+    FigureCanvasAgg(figure)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    # No software/date metadata: the same run gives the same bytes.
+    figure.savefig(tmp, format="png", metadata={"Software": None})
+    os.replace(tmp, path)
+
+
+def _render_html(path: Path, samples: pd.DataFrame, images: list, n_total: int) -> None:
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>cutana gallery</title>',
+        "<style>body{font-family:sans-serif;margin:1em}"
+        ".grid{display:flex;flex-wrap:wrap;gap:12px}"
+        "figure{margin:0;width:200px;text-align:center}"
+        "img{width:192px;height:192px;object-fit:contain;image-rendering:pixelated;"
+        "background:#000}figcaption{font-size:12px;word-break:break-all}</style>",
+        "</head><body>",
+        "<h1>cutana gallery</h1>",
+    ]
+    if not images:
+        parts.append("<p>No cutouts with status ok or partial: nothing to show.</p>")
+    else:
+        parts.append(
+            f"<p>{len(images)} of {n_total} cutouts with status ok or partial, "
+            "evenly spaced over the catalogue.</p>"
+        )
+        parts.append('<div class="grid">')
+        for (_, row), image in zip(samples.iterrows(), images, strict=True):
+            source_id = html.escape(str(row.get("SourceID", "")))
+            status = html.escape(str(row.get("status", "")))
+            if image is None:
+                picture = "<div>unavailable</div>"
+            else:
+                encoded = base64.b64encode(_thumbnail_png(image)).decode("ascii")
+                picture = f'<img src="data:image/png;base64,{encoded}" alt="{source_id}">'
+            parts.append(
+                f"<figure>{picture}<figcaption>{source_id}<br>{status}</figcaption></figure>"
+            )
+        parts.append("</div>")
+    parts.append("</body></html>")
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def make_gallery(
+    output_dir: str | os.PathLike,
+    index_df: pd.DataFrame,
+    cfg: Mapping,
+    n_samples: int | None = None,
+) -> tuple[Path, Path]:
+    """Write ``gallery.png`` and ``gallery.html`` of sample cutouts into ``output_dir``.
+
+    Parameters
+    ----------
+    output_dir : path-like
+        The run's output directory (file paths in the index are relative to it).
+    index_df : DataFrame
+        The merged index: ``SourceID``, ``status``, ``zarr_file`` + ``idx_in_zarr`` or
+        ``fits_file``.
+    cfg : mapping
+        The run's configuration (``gallery.n_samples`` is the default sample count).
+    n_samples : int, optional
+        How many sources to show at most.
+
+    Returns
+    -------
+    (pathlib.Path, pathlib.Path)
+        Paths of the PNG grid and the HTML page. Unreadable cutouts show as "unavailable";
+        with no ok/partial source both files say that there is nothing to show.
+    """
+    if n_samples is None:
+        n_samples = int((cfg.get("gallery") or {}).get("n_samples", 36))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    samples = select_samples(index_df, n_samples)
+    images = read_sample_images(output_dir, samples)
+    n_total = int(index_df["status"].isin(SHOWN_STATUSES).sum())
+    png_path = output_dir / "gallery.png"
+    html_path = output_dir / "gallery.html"
+    _render_png(png_path, samples, images)
+    _render_html(html_path, samples, images, n_total)
+    return png_path, html_path

@@ -1,0 +1,171 @@
+"""Tests of the preview gallery (cutana.gallery)."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from cutana.gallery import display_image, make_gallery, select_samples
+from cutana.writers import write_fits_batch, write_zarr_batch
+
+CFG = {
+    "gallery": {"n_samples": 4},
+    "normalisation_method": "linear",
+    "data_type": "float32",
+    "channel_weights": {"R": [1, 0, 0], "G": [0, 1, 0], "B": [0, 0, 1]},
+}
+
+
+def _colour_images(n: int, channels: int = 3, side: int = 24) -> np.ndarray:
+    """Image i is bright only in channel i % channels (with a dark pixel for contrast)."""
+    images = np.zeros((n, side, side, channels), np.float32)
+    for i in range(n):
+        images[i, :, :, i % channels] = 1.0
+    return images
+
+
+def _zarr_run(tmp_path, statuses, channels=3):
+    """Two Zarr batches and a merged index as the pipeline would write them."""
+    rows = []
+    n = len(statuses)
+    with_image = [i for i, s in enumerate(statuses) if s in ("ok", "partial")]
+    images = _colour_images(len(with_image), channels)
+    halves = [with_image[: len(with_image) // 2], with_image[len(with_image) // 2 :]]
+    start = 0
+    for batch, members in enumerate(halves):
+        name = f"batch_cutout_process_{batch:05d}_x"
+        meta = pd.DataFrame({"source_id": [f"S{i}" for i in members]})
+        write_zarr_batch(tmp_path / name, images[start : start + len(members)], meta)
+        for k, i in enumerate(members):
+            rows.append((i, f"{name}/images.zarr", k))
+        start += len(members)
+    placed = {i: (f, k) for i, f, k in rows}
+    index = pd.DataFrame(
+        {
+            "row_index": np.arange(n),
+            "SourceID": [f"<S{i}&>" for i in range(n)],
+            "status": statuses,
+            "zarr_file": [placed.get(i, ("", -1))[0] for i in range(n)],
+            "idx_in_zarr": [placed.get(i, ("", -1))[1] for i in range(n)],
+        }
+    )
+    return index, images
+
+
+def _thumbnails(html_text: str) -> list[np.ndarray]:
+    """Decode the base64 PNG thumbnails of the page (RGB order)."""
+    out = []
+    for payload in re.findall(r'src="data:image/png;base64,([^"]+)"', html_text):
+        data = np.frombuffer(base64.b64decode(payload), np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        out.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if image.ndim == 3 else image)
+    return out
+
+
+def test_select_samples_evenly_spaced_and_deterministic():
+    statuses = ["ok", "failed", "partial", "no_overlap"] * 10
+    index = pd.DataFrame({"row_index": np.arange(40), "status": statuses})
+    shuffled = index.sample(frac=1.0, random_state=1)
+    chosen = select_samples(shuffled, 5)
+    assert list(chosen["row_index"]) == list(select_samples(index, 5)["row_index"])
+    eligible = [i for i in range(40) if statuses[i] in ("ok", "partial")]
+    assert list(chosen["row_index"]) == [eligible[k] for k in (0, 5, 10, 14, 19)]
+    assert len(select_samples(index, 100)) == 20
+    assert select_samples(index, 0).empty
+
+
+def test_gallery_from_zarr_outputs(tmp_path):
+    statuses = ["ok", "failed", "ok", "partial", "no_overlap", "ok", "ok", "ok"]
+    index, _ = _zarr_run(tmp_path, statuses)
+    png, html_path = make_gallery(tmp_path, index, CFG)
+    assert png == tmp_path / "gallery.png" and html_path == tmp_path / "gallery.html"
+    picture = imread(png)
+    assert picture.ndim == 3 and picture.shape[0] > 100 and picture.shape[1] > 100
+    text = html_path.read_text(encoding="utf-8")
+    # Four samples (cfg gallery.n_samples), IDs escaped, failed rows not shown.
+    assert text.count("<figure>") == 4
+    assert "&lt;S0&amp;&gt;" in text and "<S0&>" not in text
+    assert "&lt;S1&amp;&gt;" not in text and "&lt;S4&amp;&gt;" not in text
+    thumbs = _thumbnails(text)
+    assert len(thumbs) == 4
+    # Sample k shows image k of the eligible ones: bright in channel (k % 3) only (RGB).
+    eligible = [i for i, s in enumerate(statuses) if s in ("ok", "partial")]
+    chosen = select_samples(index, 4)
+    for thumb, row_index in zip(thumbs, chosen["row_index"], strict=True):
+        channel = eligible.index(row_index) % 3
+        assert thumb.shape == (24, 24, 3)
+        assert (thumb[:, :, channel] == 255).all()
+        assert (np.delete(thumb, channel, axis=2) == 0).all()
+
+
+def test_gallery_grey_for_one_channel_and_n_samples_argument(tmp_path):
+    index, _ = _zarr_run(tmp_path, ["ok"] * 5, channels=1)
+    _, html_path = make_gallery(tmp_path, index, CFG, n_samples=2)
+    thumbs = _thumbnails(html_path.read_text(encoding="utf-8"))
+    assert len(thumbs) == 2
+    assert all(t.ndim == 2 for t in thumbs)  # grey PNGs
+
+
+def test_gallery_from_fits_outputs(tmp_path):
+    images = _colour_images(3)
+    meta = pd.DataFrame({"source_id": ["a/1", "b", "c"], "ra": [1.0, 2.0, 3.0]})
+    names = write_fits_batch(tmp_path / "bfits", images, meta, CFG)
+    index = pd.DataFrame(
+        {
+            "SourceID": ["a/1", "b", "c"],
+            "status": ["ok", "partial", "ok"],
+            "fits_file": [f"bfits/{n}" for n in names],
+            "idx_in_zarr": [0, 1, 2],
+        }
+    )
+    _, html_path = make_gallery(tmp_path, index, CFG, n_samples=3)
+    thumbs = _thumbnails(html_path.read_text(encoding="utf-8"))
+    assert [int(np.argmax(t.mean(axis=(0, 1)))) for t in thumbs] == [0, 1, 2]
+
+
+def test_gallery_with_no_ok_sources(tmp_path):
+    index = pd.DataFrame(
+        {"SourceID": ["x", "y"], "status": ["failed", "no_overlap"], "zarr_file": ["", ""],
+         "idx_in_zarr": [-1, -1]}
+    )  # fmt: skip
+    png, html_path = make_gallery(tmp_path, index, CFG)
+    assert imread(png).size > 0
+    text = html_path.read_text(encoding="utf-8")
+    assert "No cutouts with status ok or partial" in text
+    assert "<img" not in text
+
+
+def test_gallery_survives_a_missing_batch(tmp_path, caplog):
+    index, _ = _zarr_run(tmp_path, ["ok"] * 4)
+    index.loc[1, "zarr_file"] = "batch_cutout_process_99999_gone/images.zarr"
+    _, html_path = make_gallery(tmp_path, index, CFG)
+    text = html_path.read_text(encoding="utf-8")
+    assert text.count("<figure>") == 4
+    assert text.count("<img") == 3 and "unavailable" in text
+    assert "cannot read the cutout" in caplog.text
+
+
+def test_gallery_is_reproducible(tmp_path):
+    index, _ = _zarr_run(tmp_path, ["ok"] * 6)
+    png, html_path = make_gallery(tmp_path, index, CFG)
+    first = (png.read_bytes(), html_path.read_bytes())
+    make_gallery(tmp_path, index, CFG)
+    assert (png.read_bytes(), html_path.read_bytes()) == first
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (np.array([[[0.0], [2.0]], [[np.nan], [1.0]]], np.float32), [[0.0, 1.0], [0.0, 0.5]]),
+        (np.full((2, 2, 1), 7.0, np.float32), [[0.0, 0.0], [0.0, 0.0]]),
+        (np.array([[[0], [255]]], np.uint8), [[0.0, 1.0]]),
+    ],
+)
+def test_display_image_scaling(image, expected):
+    np.testing.assert_allclose(display_image(image), expected)
