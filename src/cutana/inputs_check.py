@@ -15,7 +15,6 @@ before it writes any batch.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,90 +47,47 @@ def _file_usage(scan: CatalogueScan, cfg: Mapping) -> dict[tuple[str, object], d
     return usage
 
 
-def _where(file_path: str, extension, entry: dict) -> str:
+def _usage_text(extension, entry: dict) -> str:
+    rows = entry["rows"]
     return (
-        f"FITS file '{file_path}' (extension {extension!r}, band {entry['band']}, used by "
-        f"{entry['rows']} row{'s' if entry['rows'] != 1 else ''}, first row {entry['first_row']})"
+        f"[extension {extension!r}, band {entry['band']}, used by {rows} "
+        f"row{'s' if rows != 1 else ''}, first row {entry['first_row']}]"
     )
 
 
 def _check_one_file(file_path: str, extension, entry: dict, cfg: Mapping, catalogue_dir: str):
     """Open one file and return ``(pixel_scale_arcsec or None, [problem, ...])``."""
-    where = _where(file_path, extension, entry)
+    usage = _usage_text(extension, entry)
     if not os.path.exists(file_path):
         return None, [
-            f"{where} does not exist. Fix the path in fits_file_paths (relative paths are "
-            f"resolved against the catalogue's directory {catalogue_dir!r})"
+            f"FITS file '{file_path}' {usage} does not exist. Fix: correct the path in "
+            "fits_file_paths (relative paths are resolved against the catalogue's directory "
+            f"{catalogue_dir!r})"
         ]
-    if not os.access(file_path, os.R_OK):
-        return None, [f"{where} is not readable: check its file permissions"]
-    from .fits_io import open_image  # imported late: fits_io needs astropy, slow to import
+    from .fits_io import open_image, zeropoint  # imported late: astropy is slow to import
 
-    problems = []
     try:
         handle = open_image(file_path, extension)
     except FitsValidationError as exc:
-        return None, [f"{where}: {exc}"]
+        return None, [f"{exc} {usage}"]
     except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
         return None, [
-            f"{where} cannot be read as FITS ({type(exc).__name__}: {exc}). Fix: check the "
-            "file is a complete FITS image (not truncated) and the extension exists"
+            f"FITS file '{file_path}' {usage} cannot be read ({type(exc).__name__}: {exc}). "
+            "Fix: check the file is a complete FITS image and the extension exists"
         ]
-    scale = None
+    problems = []
     try:
-        shape = tuple(handle.shape)
-        if len(shape) != 2:
-            problems.append(
-                f"{where} holds data of shape {shape}, not a 2-D image: choose an image "
-                "extension in fits_extensions"
-            )
-        wcs = handle.wcs
-        if wcs is None or not getattr(wcs, "has_celestial", False):
-            problems.append(
-                f"{where} has no celestial WCS (RA/Dec axes): use files with a celestial WCS "
-                "(CTYPE1/2 such as RA---TAN/DEC--TAN) or choose another extension"
-            )
-        else:
-            scale = float(handle.pixel_scale_arcsec)
-            if not (math.isfinite(scale) and scale > 0):
-                problems.append(
-                    f"{where} has an unusable pixel scale {scale!r} arcsec: fix its WCS "
-                    "(CDELT or CD matrix)"
-                )
-                scale = None
+        # open_image guarantees a 2-D image with a celestial WCS and a positive pixel scale.
+        scale = float(handle.pixel_scale_arcsec)
         if cfg.get("apply_flux_conversion", True):
             keyword = cfg["flux_conversion_keywords"]["AB_zeropoint"]
-            header = handle.header
-            value = header.get(keyword) if keyword in header else None
-            if value is None:
-                problems.append(
-                    f"{where} has no header keyword {keyword!r} (the AB zero point needed for "
-                    "flux conversion). Fix: add it, set flux_conversion_keywords.AB_zeropoint "
-                    "to the keyword that holds it, or set apply_flux_conversion: false"
-                )
-            elif not _is_finite_number(value):
-                problems.append(
-                    f"{where} has header keyword {keyword!r} = {value!r}, not a finite number: "
-                    "give the AB zero point as a number or set apply_flux_conversion: false"
-                )
-    except FitsValidationError as exc:
-        problems.append(f"{where}: {exc}")
-    except (OSError, ValueError, TypeError) as exc:
-        problems.append(f"{where} cannot be used ({type(exc).__name__}: {exc})")
+            try:
+                zeropoint(handle.header, keyword, file_path)
+            except FitsValidationError as exc:
+                problems.append(f"{exc} {usage}")
     finally:
-        close = getattr(handle, "close", None)
-        if close is not None:
-            close()
+        handle.close()
     return scale, problems
-
-
-def _is_finite_number(value) -> bool:
-    if isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def check_tile_files(scan: CatalogueScan, cfg: Mapping) -> tuple[ProblemLog, dict]:
