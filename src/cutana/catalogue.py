@@ -573,6 +573,7 @@ class _Scanner:
         self._tile_codes: dict[tuple, int] = {}
         self._parse_cache: dict[str, list[str] | str] = {}
         self._id_hashes: list[np.ndarray] = []
+        self._first_hashed_row: int | None = None  # hash i belongs to row i + this
 
     @property
     def problems(self) -> ProblemLog:
@@ -623,6 +624,8 @@ class _Scanner:
         blank = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
         report(blank, "SourceID", "is empty", "give every source a unique SourceID", raw_ids)
         id_values = ids.to_numpy(zero_copy_only=False)
+        if self._first_hashed_row is None:
+            self._first_hashed_row = first_row
         self._id_hashes.append(pd.util.hash_array(id_values.astype(object)))
 
         # RA, Dec, size: numbers in range.
@@ -783,7 +786,7 @@ class _Scanner:
         in_group = np.zeros(len(order), bool)
         in_group[1:] |= same_as_previous
         in_group[:-1] |= same_as_previous
-        candidate_rows = np.sort(order[in_group])
+        candidate_rows = np.sort(order[in_group]) + self._first_hashed_row
         # Only the first rows are looked up (the error shows a few); hash collisions between
         # different IDs are filtered out by comparing the real strings.
         shown_rows = candidate_rows[:200].tolist()
