@@ -9,8 +9,10 @@ Every stamp of a stack is resampled from ``S x S`` to ``T x T`` pixels with Open
 
 OpenCV maps pixel *centres* (half-pixel-centre convention): output pixel ``j`` samples the input
 at ``x = (j + 0.5) * S / T - 0.5``, and its borders replicate the edge pixels.  For nearest
-neighbour we use ``cv2.INTER_NEAREST_EXACT`` because legacy ``cv2.INTER_NEAREST`` uses
-``floor(j * S / T)``, which is not centre-true.
+neighbour, legacy ``cv2.INTER_NEAREST`` uses ``floor(j * S / T)`` (not centre-true) and
+``cv2.INTER_NEAREST_EXACT`` rounds exact ties (source x halfway between two centres) either way
+through fixed-point arithmetic, so nearest neighbour is done by exact integer indexing:
+input ``floor((2 j + 1) S / (2 T))``, i.e. the nearest centre with ties going to the right.
 
 Invalid pixels (outside the image, NaN, inf) must never darken or brighten their valid
 neighbours, so resampling is a *normalised convolution*: the data with invalid pixels zeroed and
@@ -82,6 +84,16 @@ def resize_flag(source_size: int, target_size: int, interpolation: str) -> int |
     if target_size < source_size:
         return cv2.INTER_AREA
     return ENLARGE_FLAGS[key]
+
+
+def nearest_source_index(source_size: int, target_size: int) -> np.ndarray:
+    """Input pixel nearest to each output pixel centre (half-pixel-centre mapping).
+
+    Output pixel ``j`` has its centre at input coordinate ``(j + 0.5) S / T - 0.5``; the input
+    pixel containing it is ``floor((2 j + 1) S / (2 T))``, computed in exact integer arithmetic.
+    """
+    j = np.arange(target_size, dtype=np.int64)
+    return ((2 * j + 1) * source_size) // (2 * target_size)
 
 
 def _resize_channels_last(image: np.ndarray, target: int, flag: int) -> np.ndarray:
@@ -174,6 +186,12 @@ def resample_stack(
     clean = np.where(valid, stamps, np.float32(0))
     if flag is None:
         return clean, valid
+    if flag == ENLARGE_FLAGS["nearest"]:
+        index = nearest_source_index(size, target)
+        return (
+            np.ascontiguousarray(clean[:, index][:, :, index]),
+            np.ascontiguousarray(valid[:, index][:, :, index]),
+        )
     if count == 0:
         return np.zeros((0, target, target), np.float32), np.zeros((0, target, target), bool)
 
