@@ -9,11 +9,13 @@ What is checked:
 - SLURM enforces ``--mem`` and the profile's ``retries`` resubmit a killed job with the memory
   of the next attempt (a tiny throwaway workflow: isolates the cluster mechanics);
 - the demo workflow through ``--profile profiles/slurm`` gives the same outputs as a local run,
-  even though every cutout job's first attempt is killed for exceeding its memory (so the
-  outputs after a kill + retry are those of an uninterrupted run), and the sbatch lines carry
-  per-job ``--mem`` values that grow with the attempt.
+  even though its submitting process was killed mid-run and recovered as docs/cluster.md says
+  (scancel by run ID, --unlock, rerun), and every cutout job's first attempt was killed for
+  exceeding its memory; the sbatch lines carry per-job ``--mem`` values that grow with the
+  attempt.
 
-Run: ``pytest -m slurm tests/test_slurm.py`` (as root; ~3-4 minutes on 2 cores).
+Run: ``pytest -m slurm tests/test_slurm.py -s`` (as root; ~6 minutes on 2 shared cores; -s
+prints the sbatch lines).
 """
 
 from __future__ import annotations
@@ -175,6 +177,40 @@ def test_dry_run_with_slurm_profile(slurm_cluster, tmp_path):
     assert "This was a dry-run" in res.stdout
 
 
+def test_site_settings_reach_the_jobs(slurm_cluster, tmp_path):
+    # docs/cluster.md: partition/account/runtime go in the user's own profile, combined with
+    # ours. They, and our profile's runtime, must survive the workflow profile
+    # (profiles/default), which Snakemake applies last and which replaces whole top-level keys.
+    site = tmp_path / "mysite"
+    site.mkdir()
+    (site / "config.yaml").write_text(
+        "default-resources:\n  slurm_partition: debug\n  runtime: 33\n  cpus_per_task: 1\n"
+    )
+    demo = tmp_path / "demo"
+    res = _snakemake(
+        [
+            "-n",
+            "--profile",
+            str(PROFILE),
+            "--profile",
+            str(site),
+            "-s",
+            str(SNAKEFILE),
+            "--config",
+            f"output_dir={tmp_path / 'out'}",
+            f"source_catalogue={demo / 'catalogue.csv'}",
+            f"demo={{dir: {demo}}}",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert res.returncode == 0, _tail(res.stdout)
+    resources = [line for line in res.stdout.splitlines() if line.strip().startswith("resources:")]
+    assert resources
+    for line in resources:
+        assert "slurm_partition=debug" in line and "runtime=33" in line, line
+
+
 # ---------------------------------------------------------------------------------------------
 # (c, mechanics) --mem is enforced and a retry asks for more memory
 
@@ -216,7 +252,17 @@ def test_memory_kill_and_retry_on_tiny_workflow(slurm_cluster, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# (b) + (c) the demo workflow on the cluster equals a local run, with OOM kills and retries
+# (b) + (c) + recovery: the demo workflow on the cluster, as one scenario
+#
+# Each SLURM job costs ~20-30 s here (two Snakemake start-ups per job on 2 shared cores), so the
+# checks share one scenario instead of running the workflow once per check:
+#   1. a local run (the reference);
+#   2. a SLURM run whose submitting process is SIGKILLed as soon as cutout jobs are submitted;
+#   3. the recovery of docs/cluster.md: a plain rerun is refused (lock), the run's jobs are
+#      cancelled by its run ID, the directory is unlocked, and the same command is rerun;
+#   4. in the rerun every cutout job's first attempt exceeds its --mem and is killed by SLURM,
+#      the retry asks for more memory and succeeds;
+# and the final outputs must equal the local run's.
 
 
 def _demo_args(work: Path, out: Path) -> list[str]:
@@ -227,10 +273,13 @@ def _demo_args(work: Path, out: Path) -> list[str]:
         "--config",
         f"output_dir={out}",
         f"source_catalogue={demo / 'catalogue.csv'}",
-        f"demo={{dir: {demo}, n_sources: 60, tile_size: 600}}",
+        f"demo={{dir: {demo}, n_tiles: 1, n_sources: 40, tile_size: 600}}",
         "N_batch_cutout_process=20",
     ]
 
+
+N_SOURCES = 40
+SUBMITTED_CUTOUT_RE = re.compile(r"has been submitted with SLURM jobid \d+ \(log: \S+cutout_batch")
 
 # Attempt 1 of every cutout job gets a --mem far below what a Python process with numpy needs
 # (as if the memory model had underestimated), attempt 2 gets plenty. The workflow's own
@@ -239,31 +288,77 @@ def _demo_args(work: Path, out: Path) -> list[str]:
 STARVE_FIRST_ATTEMPT = "cutout_batch:mem_mb=60 if attempt == 1 else 1500 * attempt"
 
 
+def _wait_for(path: Path, pattern: re.Pattern, proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if pattern.search(text):
+            return text
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before {pattern.pattern!r}:\n{text}")
+        time.sleep(0.5)
+    pytest.fail(f"no {pattern.pattern!r} within {timeout} s:\n{_tail(path.read_text())}")
+
+
+def _active_jobs(run_id: str) -> str:
+    return subprocess.run(
+        ["squeue", "--noheader", "--name", run_id, "--states=PENDING,RUNNING,COMPLETING"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def demo_runs(slurm_cluster, tmp_path_factory):
-    """One local run and one SLURM run of the demo workflow on the same demo survey."""
+    """The scenario above; returns what each step saw."""
     work = tmp_path_factory.mktemp("slurm_demo")
     local_out, slurm_out = work / "out_local", work / "out_slurm"
+    seen: dict = {"work": work, "local": local_out, "slurm": slurm_out}
 
+    # 1. reference. Same working directory as the SLURM runs, hence the same demo survey
+    # files (batch ids hash the file paths).
     local = _snakemake(["--cores", "2", *_demo_args(work, local_out)], cwd=work)
     assert local.returncode == 0, "local run failed:\n" + _tail(local.stdout)
 
-    # Same working directory, hence the same demo survey files (batch ids hash their paths).
-    slurm = _snakemake(
-        [
-            "--profile",
-            str(PROFILE),
-            "--verbose",
-            *FAST_POLL,
-            "--set-resources",
-            STARVE_FIRST_ATTEMPT,
-            *_demo_args(work, slurm_out),
-        ],
-        cwd=work,
-    )
-    (work / "slurm_run.log").write_text(slurm.stdout)
-    assert slurm.returncode == 0, "SLURM run failed:\n" + _tail(slurm.stdout, 120)
-    return {"work": work, "local": local_out, "slurm": slurm_out, "log": slurm.stdout}
+    # 2. the submitting process dies while cutout jobs are in SLURM's hands
+    # (The workflow's own memory estimates here, so that the cutout jobs live long enough to be
+    # left behind; the starved first attempts of step 4 die within a second.)
+    run1_args = ["--profile", str(PROFILE), "--verbose", *FAST_POLL, *_demo_args(work, slurm_out)]
+    args = [*run1_args, "--set-resources", STARVE_FIRST_ATTEMPT]
+    log1 = work / "slurm_run1_killed.log"
+    with open(log1, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", *run1_args],
+            cwd=work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        text = _wait_for(log1, SUBMITTED_CUTOUT_RE, proc, timeout=RUN_TIMEOUT)
+    finally:
+        proc.kill()  # SIGKILL: no chance to cancel its jobs or to release its lock
+        proc.wait()
+    run_id = re.search(r"SLURM run ID: (\S+)", text).group(1)
+    seen["log1"] = text
+    seen["jobs_left_behind"] = _active_jobs(run_id)
+
+    # 3. recovery: the lock of the dead process refuses a plain rerun ...
+    seen["refused"] = _snakemake(args, cwd=work, timeout=300)
+    # ... cancel the run's jobs by the run ID (their common job name) ...
+    subprocess.run(["scancel", "--name", run_id], check=True)
+    deadline = time.monotonic() + 60
+    while _active_jobs(run_id) and time.monotonic() < deadline:
+        time.sleep(1)
+    seen["jobs_after_scancel"] = _active_jobs(run_id)
+    # ... unlock, and rerun the same command.
+    seen["unlock"] = _snakemake([*args, "--unlock"], cwd=work, timeout=300)
+    assert seen["unlock"].returncode == 0, _tail(seen["unlock"].stdout)
+    rerun = _snakemake(args, cwd=work)
+    (work / "slurm_run2.log").write_text(rerun.stdout)
+    assert rerun.returncode == 0, "SLURM rerun failed:\n" + _tail(rerun.stdout, 120)
+    seen["log"] = rerun.stdout
+    return seen
 
 
 def _rel(df: pd.DataFrame, out: Path) -> pd.DataFrame:
@@ -277,22 +372,25 @@ def _rel(df: pd.DataFrame, out: Path) -> pd.DataFrame:
     return df
 
 
-def _assert_same_outputs(local: Path, other: Path, n_sources: int = 60) -> None:
+def _batch_names(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("batch_cutout_process_"))
+
+
+def _assert_same_outputs(local: Path, other: Path) -> None:
     """Index parquet, every batch's Zarr images and metadata, and summary counts are equal."""
     import zarr
 
     index_local = pd.read_parquet(local / "source_to_zarr_mapping.parquet")
     index_other = pd.read_parquet(other / "source_to_zarr_mapping.parquet")
-    assert len(index_local) == n_sources
+    assert len(index_local) == N_SOURCES
     pd.testing.assert_frame_equal(_rel(index_local, local), _rel(index_other, other))
 
-    batches_local = sorted(p.name for p in local.glob("batch_cutout_process_*"))
-    batches_other = sorted(p.name for p in other.glob("batch_cutout_process_*"))
-    # also proves that no temporary folder of a killed job was left behind
-    assert batches_local == batches_other
-    assert len(batches_local) == 3  # 60 sources / N_batch_cutout_process=20
+    # equal names also prove that no temporary folder of a killed job was left behind
+    batches = _batch_names(local)
+    assert batches == _batch_names(other)
+    assert len(batches) >= N_SOURCES // 20  # N_batch_cutout_process=20
     n_images = 0
-    for name in batches_local:
+    for name in batches:
         img_local = zarr.open_group(local / name / "images.zarr", mode="r")["images"][:]
         img_other = zarr.open_group(other / name / "images.zarr", mode="r")["images"][:]
         np.testing.assert_array_equal(img_local, img_other)
@@ -314,14 +412,27 @@ def test_slurm_outputs_equal_local_run(demo_runs):
     _assert_same_outputs(demo_runs["local"], demo_runs["slurm"])
 
 
+def test_recovery_after_submitting_process_died(demo_runs):
+    # the dead submitter left its jobs in SLURM (that is why they must be cancelled) ...
+    assert demo_runs["jobs_left_behind"], "no job of the killed run was left in the queue"
+    # ... and its lock: a plain rerun is refused until --unlock
+    refused = demo_runs["refused"]
+    assert refused.returncode != 0
+    assert "lock" in refused.stdout.lower(), _tail(refused.stdout)
+    # scancel --name <run ID> removed all of them
+    assert demo_runs["jobs_after_scancel"] == ""
+    assert demo_runs["unlock"].returncode == 0
+
+
 def test_cutout_jobs_killed_for_memory_then_retried_with_more(demo_runs):
     log = demo_runs["log"]
+    n_batches = len(_batch_names(demo_runs["local"]))
     lines = _sbatch_lines(log, "cutout_batch")
     by_batch: dict[str, list[int]] = {}
     for line in lines:
         by_batch.setdefault(_target(line), []).append(int(MEM_RE.search(line).group(1)))
     # every batch: attempt 1 with the starved 60 MB, attempt 2 with 2 x 1500 MB, nothing more
-    assert len(by_batch) == 3, lines
+    assert len(by_batch) == n_batches, lines
     assert all(mems == [60, 3000] for mems in by_batch.values()), by_batch
 
     # SLURM's view: each 60 MB job FAILED (killed), each 3000 MB job COMPLETED; the kill was
@@ -329,10 +440,8 @@ def test_cutout_jobs_killed_for_memory_then_retried_with_more(demo_runs):
     submitted = dict(SUBMITTED_RE.findall(log))
     states = _slurm_states(list(submitted))
     cutout_jobs = {j: s for j, s in states.items() if "cutout_batch" in submitted[j]}
-    assert (
-        sorted(s for s in cutout_jobs.values())
-        == [("COMPLETED", "3000M")] * 3 + [("FAILED", "60M")] * 3
-    ), cutout_jobs
+    expected = [("COMPLETED", "3000M")] * n_batches + [("FAILED", "60M")] * n_batches
+    assert sorted(cutout_jobs.values()) == expected, cutout_jobs
     for job_id, (state, _) in cutout_jobs.items():
         if state == "FAILED":
             assert "exceeded memory limit" in Path(submitted[job_id]).read_text()
@@ -341,75 +450,10 @@ def test_cutout_jobs_killed_for_memory_then_retried_with_more(demo_runs):
     for line in SBATCH_RE.findall(log):
         assert MEM_RE.search(line), line
     rules = {m.group(1) for m in re.finditer(r"--comment rule_(\w+?)(?:_wildcards\S*)?\s", log)}
-    assert {"split_catalogue", "profile_memory", "cutout_batch", "merge_index"} <= rules, rules
+    assert {"cutout_batch", "merge_index", "gallery"} <= rules, rules
 
     # Keep the real sbatch lines for docs/cluster.md and for the CI log.
-    excerpt = "\n".join(_short(line) for line in SBATCH_RE.findall(log))
+    both_runs = demo_runs["log1"] + log
+    excerpt = "\n".join(_short(line) for line in SBATCH_RE.findall(both_runs))
     (demo_runs["work"] / "sbatch_lines.txt").write_text(excerpt + "\n")
     print(excerpt)
-
-
-# ---------------------------------------------------------------------------------------------
-# recovery after the submitting process dies (docs/cluster.md: cancel, unlock, rerun)
-
-
-def _wait_for(path: Path, pattern: re.Pattern, proc: subprocess.Popen, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = path.read_text() if path.exists() else ""
-        if pattern.search(text):
-            return text
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before {pattern.pattern!r}:\n{text}")
-        time.sleep(0.5)
-    pytest.fail(f"no {pattern.pattern!r} within {timeout} s:\n{_tail(path.read_text())}")
-
-
-def test_recover_after_submitting_process_dies(demo_runs):
-    work, out = demo_runs["work"], demo_runs["work"] / "out_recover"
-    args = ["--profile", str(PROFILE), "--verbose", *FAST_POLL, *_demo_args(work, out)]
-    log_path = work / "recover_run1.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "snakemake", *args],
-            cwd=work,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        # Die while cutout jobs are in SLURM's hands: the moment the first one is submitted.
-        text = _wait_for(
-            log_path, re.compile(r"--comment rule_cutout_batch"), proc, timeout=RUN_TIMEOUT
-        )
-    finally:
-        proc.kill()  # SIGKILL: no chance to cancel its jobs or release its lock
-        proc.wait()
-    run_id = re.search(r"SLURM run ID: (\S+)", text).group(1)
-
-    # The working directory is locked by the dead process: a plain rerun is refused.
-    refused = _snakemake(args, cwd=work, timeout=300)
-    assert refused.returncode != 0
-    assert "lock" in refused.stdout.lower(), _tail(refused.stdout)
-
-    # 1. cancel the run's jobs by the run ID (their common job name)
-    subprocess.run(["scancel", "--name", run_id], check=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        active = subprocess.run(
-            ["squeue", "--noheader", "--name", run_id, "--states=PENDING,RUNNING,COMPLETING"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        if not active:
-            break
-        time.sleep(1)
-    assert not active, active
-    # 2. unlock, 3. rerun the same command
-    unlock = _snakemake([*args, "--unlock"], cwd=work, timeout=300)
-    assert unlock.returncode == 0, _tail(unlock.stdout)
-    rerun = _snakemake(args, cwd=work)
-    (work / "recover_run2.log").write_text(rerun.stdout)
-    assert rerun.returncode == 0, _tail(rerun.stdout, 120)
-
-    _assert_same_outputs(demo_runs["local"], out)
