@@ -1,0 +1,78 @@
+"""Tests of cutana.mixing: weighted band-to-channel mixing with validity masks (SPEC §6)."""
+
+import numpy as np
+import pytest
+
+from cutana.mixing import mix_channels
+
+
+def _bands(n_images=3, n_bands=3, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    bands = rng.normal(5.0, 2.0, size=(n_images, n_bands, size, size)).astype(np.float32)
+    return bands, np.ones(bands.shape, dtype=bool)
+
+
+def test_weighted_sum_matches_explicit_loop():
+    bands, valid = _bands()
+    weights = np.array([[1.0, 0.0, 0.5], [0.0, 2.0, 0.5], [-1.0, 0.0, 0.25]])
+    images, valid_out = mix_channels(bands, valid, weights)
+    assert images.shape == valid_out.shape == (3, 8, 8, 3)
+    assert images.dtype == np.float32
+    for c in range(3):
+        expected = sum(weights[b, c] * bands[:, b].astype(np.float64) for b in range(3))
+        np.testing.assert_allclose(images[..., c], expected, rtol=1e-5, atol=1e-5)
+    assert valid_out.all()
+
+
+def test_weights_are_not_normalised():
+    bands, valid = _bands(n_bands=2)
+    images, _ = mix_channels(bands, valid, [[3.0], [3.0]])
+    np.testing.assert_allclose(images[..., 0], 3 * (bands[:, 0] + bands[:, 1]), rtol=1e-6)
+
+
+def test_zero_weight_band_never_affects_channel_even_if_nan():
+    bands, valid = _bands()
+    bands[:, 2] = np.nan
+    valid[:, 2] = False
+    bands[0, 1, 2, 3] = np.inf  # non-finite but flagged valid: treated as invalid
+    weights = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    images, valid_out = mix_channels(bands, valid, weights)
+    np.testing.assert_array_equal(images[..., 0], bands[:, 0])
+    assert valid_out[..., 0].all()
+    assert not valid_out[..., 1].any()  # band 2 (invalid everywhere) is used by channel 1
+    assert np.all(images[..., 1] == 0)
+    assert np.all(np.isfinite(images))
+
+
+def test_pixel_valid_iff_all_weighted_bands_valid():
+    rng = np.random.default_rng(4)
+    bands, _ = _bands(seed=4)
+    valid = rng.random(bands.shape) > 0.2
+    bands[~valid] = np.nan
+    weights = np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    images, valid_out = mix_channels(bands, valid, weights)
+    np.testing.assert_array_equal(valid_out[..., 0], valid[:, 0] & valid[:, 1])
+    np.testing.assert_array_equal(valid_out[..., 1], valid[:, 1])
+    np.testing.assert_array_equal(valid_out[..., 2], valid[:, 0] & valid[:, 2])
+    both = valid_out[..., 0]
+    np.testing.assert_allclose(images[..., 0][both], (bands[:, 0] + bands[:, 1])[both], rtol=1e-6)
+    assert np.all(images[~valid_out] == 0)
+
+
+def test_single_band_identity():
+    bands, valid = _bands(n_bands=1)
+    images, valid_out = mix_channels(bands, valid, [[1.0]])
+    np.testing.assert_array_equal(images[..., 0], bands[:, 0])
+    assert valid_out.all()
+
+
+def test_shape_errors_name_the_problem():
+    bands, valid = _bands(n_bands=2)
+    with pytest.raises(ValueError, match=r"weights must have shape \(B=2, C\)"):
+        mix_channels(bands, valid, [[1.0], [1.0], [1.0]])
+    with pytest.raises(ValueError, match="valid has shape"):
+        mix_channels(bands, valid[:, :1], [[1.0], [1.0]])
+    with pytest.raises(ValueError, match=r"\(N, B, T, T\)"):
+        mix_channels(bands[0], valid[0], [[1.0], [1.0]])
+    with pytest.raises(ValueError, match="finite"):
+        mix_channels(bands, valid, [[np.nan], [1.0]])
