@@ -218,7 +218,7 @@ def _nan_border_width(tile_size: int) -> int:
 
 
 def _invalid_mask(rows: np.ndarray, tile_size: int, band_index: int) -> np.ndarray:
-    """NaN pixels of a block of rows: an uneven coverage border plus a stripe per band.
+    """NaN pixels of a block of rows: an uneven coverage border plus one or two stripes.
 
     Returns a boolean array (len(rows), tile_size), True where the pixel is not covered.
     """
@@ -229,11 +229,12 @@ def _invalid_mask(rows: np.ndarray, tile_size: int, band_index: int) -> np.ndarr
     left = border + (border * yy) // max(tile_size, 1)
     mask = (cols[None, :] < left) | (cols[None, :] >= tile_size - border)
     mask |= (yy < border) | (yy >= tile_size - border)
-    # One horizontal detector-gap stripe per band, at a band-dependent height; VIS also has a
-    # diagonal stripe (a satellite trail masked by the pipeline).
+    # Two NaN stripes, so that a realistic minority of stamps holds masked pixels: a horizontal
+    # detector gap in the second band and a diagonal masked satellite trail in the first.
     stripe_width = max(1, tile_size // 400)
-    stripe_y = int(tile_size * (0.3 + 0.13 * band_index)) % tile_size
-    mask |= (yy >= stripe_y) & (yy < stripe_y + stripe_width)
+    if band_index == 1:
+        stripe_y = int(tile_size * 0.43)
+        mask |= (yy >= stripe_y) & (yy < stripe_y + stripe_width)
     if band_index == 0:
         diagonal = np.abs(cols[None, :] - (yy * 0.5 + tile_size * 0.4)) < stripe_width / 2 + 0.5
         mask |= diagonal
