@@ -270,3 +270,14 @@ def test_ui_in_browser_preview_run_and_gallery(page, voila_url, demo_survey):
     assert "source_to_zarr_mapping.parquet" in outputs
     gallery.scroll_into_view_if_needed()
     _shot(page, "ui_4_gallery.png")
+
+    # Back to the first percentile: the engine is deterministic, so the preview must be
+    # byte-identical to the first one again.
+    percentile.fill("99.8")
+    percentile.press("Enter")
+    _wait_for(
+        lambda: _image_digest(page, first) == before,
+        90,
+        "the preview to return to its first bytes after restoring the percentile",
+    )
+    _shot(page, "ui_5_final.png")

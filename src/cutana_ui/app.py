@@ -475,7 +475,10 @@ class CutanaApp:
 
         # Step 6: results ----------------------------------------------------------------------
         self.gallery = _cls(
-            w.Image(format="png", layout=w.Layout(max_width="100%", display="none")),
+            w.Image(
+                format="png",
+                layout=w.Layout(max_width=f"{int(640 * self.scale)}px", display="none"),
+            ),
             "cutana-gallery-image",
         )
         self.outputs = _cls(w.HTML("<i>Results appear here after a run.</i>"), "cutana-outputs")
