@@ -56,6 +56,29 @@ def test_tile_compressed_equals_uncompressed(tmp_path, write_fits, make_wcs, dty
             np.testing.assert_array_equal(a.read(*window), b.read(*window))
 
 
+@pytest.mark.parametrize("tile_shape", [(32, 32), (1, 110), (7, 50)])
+def test_compressed_block_cache_assembles_windows(tmp_path, make_wcs, monkeypatch, tile_shape):
+    """Tiny blocks and a tiny cache force multi-block windows and evictions."""
+    import cutana.fits_io as fits_io
+
+    monkeypatch.setattr(fits_io, "COMPRESSED_BLOCK_PIXELS", 40 * 40)
+    monkeypatch.setattr(fits_io, "COMPRESSED_CACHE_BYTES", 3 * 40 * 40 * 2)
+    rng = np.random.default_rng(8)
+    data = rng.integers(-500, 500, (97, 110)).astype(np.int16)
+    path = tmp_path / "tiles.fits"
+    header = make_wcs((97, 110)).to_header()
+    hdu = fits.CompImageHDU(data, header=header, tile_shape=tile_shape)
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    with open_image(path, 1) as handle:
+        for _ in range(150):
+            y0, y1 = np.sort(rng.integers(0, 98, 2))
+            x0, x1 = np.sort(rng.integers(0, 111, 2))
+            got = handle.read(int(y0), int(y1), int(x0), int(x1))
+            np.testing.assert_array_equal(got, data[y0:y1, x0:x1])
+        cache = handle._blocks
+        assert cache._bytes <= fits_io.COMPRESSED_CACHE_BYTES or len(cache._blocks) == 1
+
+
 @pytest.mark.parametrize("compressed", [False, True])
 def test_bscale_bzero_blank_applied_to_window(tmp_path, write_fits, make_wcs, compressed):
     rng = np.random.default_rng(4)

@@ -238,7 +238,11 @@ def extract_stamps(
         ],
         axis=1,
     ).tolist()
-    for k, (y0, y1, x0, x1, sy0, sx0) in enumerate(bounds):
+    # Read in image order (rows, then columns): neighbouring windows share compression tiles
+    # and pages, which the image handle's caches (and the OS) then reuse.
+    order = np.lexsort((windows.large_x0, windows.large_y0)) if n_stamps else []
+    for k in order:
+        y0, y1, x0, x1, sy0, sx0 = bounds[k]
         if y1 <= y0 or x1 <= x0:
             continue
         data = handle.read(y0, y1, x0, x1)

@@ -4,7 +4,9 @@ Survey mosaics can be many GB, so an image is never read whole:
 
 * uncompressed images are memory-mapped and only the requested window is copied;
 * tile-compressed images (``CompImageHDU``) are read through ``hdu.section``, which decompresses
-  only the tiles that the window touches.
+  only the tiles that the window touches, in tile-aligned blocks kept in a small LRU cache
+  (:data:`COMPRESSED_CACHE_BYTES` per image) so neighbouring stamps do not decompress the same
+  tiles again.
 
 Files are opened with ``do_not_scale_image_data=True`` and ``BSCALE``/``BZERO``/``BLANK`` are
 applied here to the window only: astropy refuses to scale a memory-mapped image lazily, and
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,73 @@ from .exceptions import FitsValidationError
 
 # FITS files are written in blocks of 2880 bytes; the last block of a data unit is padded.
 _FITS_BLOCK = 2880
+
+#: Pixels per cached block of a tile-compressed image (tile-aligned, about 1 M pixels).
+COMPRESSED_BLOCK_PIXELS = 1 << 20
+#: Bytes of decompressed blocks kept per compressed image (least recently used are dropped).
+COMPRESSED_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class _BlockCache:
+    """Decompressed, tile-aligned blocks of one compressed image, least recently used first out.
+
+    Neighbouring stamps share compression tiles; astropy's ``section`` decompresses every tile a
+    window touches on every call, so without this cache a batch decompresses the same tiles
+    many times over. Blocks are whole tiles, so each tile is decompressed once while cached, and
+    the byte budget bounds memory whatever the image size.
+    """
+
+    def __init__(self, hdu, shape: tuple[int, ...], leading: tuple[int, ...]) -> None:
+        self._hdu = hdu
+        self._leading = leading
+        ny, nx = shape[-2], shape[-1]
+        self._shape = (ny, nx)
+        try:
+            tile_y, tile_x = (int(n) for n in tuple(hdu.tile_shape)[-2:])
+        except Exception:  # unknown tiling: fall back to row tiles (the FITS default)
+            tile_y, tile_x = 1, nx
+        tile_y, tile_x = max(1, min(tile_y, ny)), max(1, min(tile_x, nx))
+        side = int(np.sqrt(COMPRESSED_BLOCK_PIXELS))
+        block_x = min(nx, max(tile_x, side // tile_x * tile_x))
+        block_y = max(tile_y, COMPRESSED_BLOCK_PIXELS // block_x // tile_y * tile_y)
+        self._block = (min(ny, block_y), block_x)
+        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def _get_block(self, by: int, bx: int) -> np.ndarray:
+        key = (by, bx)
+        block = self._blocks.get(key)
+        if block is not None:
+            self._blocks.move_to_end(key)
+            return block
+        (ny, nx), (hy, hx) = self._shape, self._block
+        y0, x0 = by * hy, bx * hx
+        window = self._leading + (slice(y0, min(ny, y0 + hy)), slice(x0, min(nx, x0 + hx)))
+        block = np.asarray(self._hdu.section[window])
+        self._blocks[key] = block
+        self._bytes += block.nbytes
+        while self._bytes > COMPRESSED_CACHE_BYTES and len(self._blocks) > 1:
+            _, dropped = self._blocks.popitem(last=False)
+            self._bytes -= dropped.nbytes
+        return block
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Raw (unscaled) pixels of ``[y0:y1, x0:x1]``, assembled from cached blocks."""
+        hy, hx = self._block
+        if y1 <= y0 or x1 <= x0:
+            return np.asarray(self._hdu.section[self._leading + (slice(y0, y1), slice(x0, x1))])
+        out = None
+        for by in range(y0 // hy, (y1 - 1) // hy + 1):
+            for bx in range(x0 // hx, (x1 - 1) // hx + 1):
+                block = self._get_block(by, bx)
+                if out is None:
+                    out = np.empty((y1 - y0, x1 - x0), dtype=block.dtype)
+                oy0, ox0 = max(y0, by * hy), max(x0, bx * hx)
+                oy1, ox1 = min(y1, (by + 1) * hy), min(x1, (bx + 1) * hx)
+                out[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = block[
+                    oy0 - by * hy : oy1 - by * hy, ox0 - bx * hx : ox1 - bx * hx
+                ]
+        return out
 
 
 def _describe_hdus(hdul: fits.HDUList) -> str:
@@ -111,6 +181,7 @@ class ImageHandle:
     _bscale: float = field(repr=False, default=1.0)
     _bzero: float = field(repr=False, default=0.0)
     _blank: int | None = field(repr=False, default=None)
+    _blocks: _BlockCache | None = field(repr=False, default=None)
 
     @property
     def compressed(self) -> bool:
@@ -144,7 +215,9 @@ class ImageHandle:
         key = self._leading_index + (slice(y0, y1), slice(x0, x1))
         try:
             if self.compressed:
-                raw = self._hdu.section[key]
+                if self._blocks is None:
+                    self._blocks = _BlockCache(self._hdu, self._hdu.shape, self._leading_index)
+                raw = self._blocks.read(y0, y1, x0, x1)
             else:
                 raw = self._hdu.data[key]
             raw = np.asarray(raw)
@@ -163,7 +236,8 @@ class ImageHandle:
         return window
 
     def close(self) -> None:
-        """Close the file (and its memory map)."""
+        """Close the file (and its memory map) and drop cached blocks."""
+        self._blocks = None
         self._hdul.close()
 
     def __enter__(self) -> ImageHandle:
