@@ -202,6 +202,14 @@ def test_demo_config_validates(survey):
     assert validate_config(demo_config(survey.parent, compressed=True))["fits_extensions"] == [1]
 
 
+def test_demo_config_follows_the_written_survey(tmp_path):
+    kwargs = dict(n_tiles=1, tile_size=96, n_sources=3, min_diameter_pixel=8, max_diameter_pixel=16)
+    make_demo_survey(tmp_path / "c", compressed=True, bands=("VIS", "NIR_H"), **kwargs)
+    cfg = validate_config(demo_config(tmp_path / "c"))
+    assert cfg["fits_extensions"] == [1]
+    assert cfg["channel_weights"] == {"VIS": [1.0, 0.0], "NIR_H": [0.0, 1.0]}
+
+
 def test_bad_arguments_name_the_value(tmp_path):
     with pytest.raises(ConfigValidationError, match="min_diameter_pixel = 50"):
         make_demo_survey(tmp_path, min_diameter_pixel=50, max_diameter_pixel=10)

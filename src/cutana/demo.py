@@ -65,6 +65,9 @@ EDGE_FRACTION = 0.02
 #: Fixed header dates keep the files byte-identical between runs.
 FIXED_DATE = "2024-01-01T00:00:00"
 
+#: Description of a written survey (bands, compression, ...), read back by demo_config.
+SURVEY_DESCRIPTION = "demo_survey.json"
+
 #: Per-band default channel mixing of the demo survey into R, G, B.
 DEMO_CHANNEL_WEIGHTS = {
     "VIS": [0.0, 0.0, 1.0],
@@ -553,28 +556,60 @@ def make_demo_survey(
     csv_frame.to_csv(csv_path, index=False)
     table = pa.Table.from_pandas(catalogue, preserve_index=False)
     pq.write_table(table, out / "catalogue.parquet")
+    description = {
+        "bands": list(bands),
+        "compressed": bool(compressed),
+        "n_tiles": n_tiles,
+        "tile_size": tile_size,
+        "n_sources": n_sources,
+        "seed": seed,
+        "pixel_scale_arcsec": PIXEL_SCALE_ARCSEC,
+    }
+    (out / SURVEY_DESCRIPTION).write_text(json.dumps(description, indent=1) + "\n")
     return csv_path
 
 
-def demo_config(out_dir: str | os.PathLike, compressed: bool = False) -> dict:
+def demo_channel_weights(bands: Sequence[str]) -> dict[str, list[float]]:
+    """Channel weights for a demo survey with ``bands``.
+
+    The default four bands are mixed into R, G, B (VIS blue, NIR_Y green, NIR_J yellow, NIR_H
+    red); any other band list gets one output channel per band (identity weights).
+    """
+    bands = list(bands)
+    if bands == list(DEMO_CHANNEL_WEIGHTS):
+        return {band: list(w) for band, w in DEMO_CHANNEL_WEIGHTS.items()}
+    return {
+        band: [1.0 if c == b else 0.0 for c in range(len(bands))] for b, band in enumerate(bands)
+    }
+
+
+def demo_config(out_dir: str | os.PathLike, compressed: bool | None = None) -> dict:
     """Config overrides that process the demo survey in ``out_dir``.
 
     Parameters
     ----------
     out_dir : path-like
         The directory passed to :func:`make_demo_survey`.
-    compressed : bool
-        True if the survey was written with ``compressed=True`` (images in extension 1).
+    compressed : bool, optional
+        Whether the survey was written with ``compressed=True`` (images in extension 1). By
+        default read from the survey's ``demo_survey.json`` (False if absent).
 
     Returns
     -------
     dict
-        ``source_catalogue``, ``channel_weights`` (the four bands mixed into R, G, B),
-        ``fits_extensions`` and the flux keyword, ready for ``validate_config``.
+        ``source_catalogue``, ``channel_weights`` (see :func:`demo_channel_weights`, for the
+        survey's bands), ``fits_extensions`` and the flux keyword, ready for
+        ``validate_config``.
     """
+    out = Path(out_dir).resolve()
+    description_path = out / SURVEY_DESCRIPTION
+    description = json.loads(description_path.read_text()) if description_path.is_file() else {}
+    if compressed is None:
+        compressed = bool(description.get("compressed", False))
+    bands = description.get("bands", list(DEFAULT_BANDS))
     return {
-        "source_catalogue": str(Path(out_dir).resolve() / "catalogue.csv"),
-        "channel_weights": {band: list(w) for band, w in DEMO_CHANNEL_WEIGHTS.items()},
+        "source_catalogue": str(out / "catalogue.csv"),
+        "channel_weights": demo_channel_weights(bands),
         "fits_extensions": [1] if compressed else ["PRIMARY"],
         "flux_conversion_keywords": {"AB_zeropoint": "MAGZERO"},
     }
