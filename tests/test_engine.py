@@ -230,3 +230,59 @@ def test_run_batch_writes_outputs_and_status(tmp_path, write_fits, make_wcs, out
             assert name.startswith(f"{batch_dir.name}/") and name.endswith(".fits")
             with fits.open(out / name) as hdul:
                 np.testing.assert_array_equal(hdul[1].data, result.images[k, :, :, 0])
+
+
+def test_ra_wrap_mixed_tiles_and_empty_batch(tmp_path, write_fits, make_wcs):
+    """Sources either side of RA = 0 in one tile, plus a second tile of another shape."""
+    wrap_wcs = make_wcs(SHAPE, ra=0.0, dec=0.0, scale_arcsec=1.0)
+    other_shape = (50, 70)
+    other_wcs = make_wcs(other_shape, ra=200.0, dec=-30.0)
+    wrap_data, other_data = _image(9), _image(10)[:50, :70].copy()
+    wrap_path = write_fits(tmp_path / "wrap.fits", wrap_data, wrap_wcs)
+    other_path = write_fits(tmp_path / "other.fits", other_data, other_wcs)
+    # east is left (CD1_1 < 0): x = 40.3 has a small RA, x = 80.3 an RA just below 360
+    wrap = _batch(wrap_wcs, [(40.3, 45.3), (80.3, 45.3)], [wrap_path], diameter_pixel=16.0)
+    assert wrap["RA"][0] < 1.0 and wrap["RA"][1] > 359.0
+    other = _batch(other_wcs, [(30.3, 20.3)], [other_path], diameter_pixel=16.0)
+    batch = pd.concat([wrap, other], ignore_index=True)
+    result = process_batch(batch, _config())
+    assert list(result.index["status"]) == ["ok", "ok", "ok"]
+    np.testing.assert_array_equal(result.images[0, :, :, 0], wrap_data[38:54, 33:49])
+    np.testing.assert_array_equal(result.images[1, :, :, 0], wrap_data[38:54, 73:89])
+    np.testing.assert_array_equal(result.images[2, :, :, 0], other_data[13:29, 23:39])
+
+    empty = process_batch(batch.iloc[:0], _config())
+    assert empty.images.shape == (0, 16, 16, 1) and len(empty.index) == 0
+    assert list(empty.metadata.columns) == METADATA_COLUMNS
+
+
+def test_read_error_fails_only_that_files_sources(tmp_path, write_fits, make_wcs, monkeypatch):
+    from cutana.exceptions import FitsValidationError
+    from cutana.fits_io import ImageHandle
+
+    wcs = make_wcs(SHAPE)
+    good = write_fits(tmp_path / "good.fits", _image(11), wcs)
+    broken = write_fits(tmp_path / "broken.fits", _image(12), wcs)
+    original_read = ImageHandle.read
+
+    def flaky_read(self, *window):
+        if self.path.name == "broken.fits":
+            raise FitsValidationError(f"FITS file {self.path}: cannot read window: disk error")
+        return original_read(self, *window)
+
+    monkeypatch.setattr(ImageHandle, "read", flaky_read)
+    batch = pd.concat(
+        [
+            _batch(wcs, [(30.3, 30.3)], [good], diameter_pixel=16.0),
+            _batch(wcs, [(40.3, 40.3)], [broken], diameter_pixel=16.0),
+            _batch(wcs, [(50.3, 50.3)], [good], diameter_pixel=16.0),
+        ],
+        ignore_index=True,
+    )
+    result = process_batch(batch, _config())
+    assert list(result.index["status"]) == ["ok", "failed", "ok"]
+    assert "disk error" in result.index["reason"][1]
+    assert list(result.index["idx_in_zarr"]) == [0, -1, 1]
+    assert list(result.metadata["idx_in_zarr"]) == [0, 1]
+    assert list(result.metadata["source_id"]) == ["src-0", "src-0"]
+    assert result.images.shape[0] == 2
