@@ -1108,7 +1108,8 @@ def _write_batches(
     first_index = np.concatenate([[0], np.cumsum(n_batches_per_tile)]).astype(int).tolist()
     entries: list[dict] = []
     for bucket in spool.close():
-        table = pq.read_table(spool.path(bucket))
+        # One contiguous chunk: taking rows from a many-chunk table costs O(chunks) per take.
+        table = pq.read_table(spool.path(bucket)).combine_chunks()
         order = pc.sort_indices(
             table,
             sort_keys=[
@@ -1123,6 +1124,9 @@ def _write_batches(
         starts = np.searchsorted(codes, present, side="left")
         for code, start in zip(present.tolist(), starts.tolist(), strict=True):
             paths = list(scan.tiles[code])
+            # Repeating one-element arrays by take() avoids building Python lists per row.
+            one_path_list = pa.array([paths], pa.list_(pa.string()))
+            one_tile = pa.array([tile_ids[code]], pa.string())
             offset = start
             for k, size in enumerate(_batch_sizes(scan.tile_rows[code], batch_limit)):
                 rows = table.take(order.slice(offset, size))
@@ -1133,10 +1137,10 @@ def _write_batches(
                         "SourceID": rows.column("SourceID"),
                         "RA": rows.column("RA"),
                         "Dec": rows.column("Dec"),
-                        "fits_file_paths": pa.array([paths] * size, pa.list_(pa.string())),
+                        "fits_file_paths": one_path_list.take(np.zeros(size, np.int64)),
                         "diameter_pixel": rows.column("diameter_pixel"),
                         "diameter_arcsec": rows.column("diameter_arcsec"),
-                        "tile": pa.array([tile_ids[code]] * size, pa.string()),
+                        "tile": one_tile.take(np.zeros(size, np.int64)),
                     },
                     schema=BATCH_SCHEMA,
                 )
