@@ -169,3 +169,16 @@ def test_gallery_is_reproducible(tmp_path):
 )
 def test_display_image_scaling(image, expected):
     np.testing.assert_allclose(display_image(image), expected)
+
+
+def test_thumbnails_show_north_up(tmp_path):
+    """Row 0 of a cutout is its bottom (FITS/Cutout2D order): it must end at the PNG bottom."""
+    image = np.zeros((1, 20, 20, 1), np.float32)
+    image[0, -5:, :, 0] = 1.0  # the top rows (largest y) are bright
+    write_zarr_batch(tmp_path / "b", image, pd.DataFrame({"source_id": ["up"]}))
+    index = pd.DataFrame(
+        {"SourceID": ["up"], "status": ["ok"], "zarr_file": ["b/images.zarr"], "idx_in_zarr": [0]}
+    )
+    _, html_path = make_gallery(tmp_path, index, CFG)
+    (thumb,) = _thumbnails(html_path.read_text(encoding="utf-8"))
+    assert (thumb[:5] == 255).all() and (thumb[5:] == 0).all()
