@@ -164,6 +164,7 @@ def _plan_band(
 
 
 def _chunk_rows(n_rows: int, n_bands: int, target: int) -> int:
+    """Sources per processing chunk so the (K, B, T, T) stacks stay near ``_CHUNK_BYTES``."""
     per_source = max(1, n_bands * target * target * 4 * 3)  # bands + resample scratch
     return max(1, min(n_rows, _CHUNK_BYTES // per_source))
 
@@ -307,6 +308,7 @@ def process_batch(batch_df: pd.DataFrame, cfg: Mapping) -> BatchResult:
 
 
 def _optional_column(batch_df: pd.DataFrame, name: str) -> np.ndarray:
+    """A numeric column as float64 (NaN for nulls), or all NaN when the column is absent."""
     if name not in batch_df:
         return np.full(len(batch_df), np.nan)
     return pd.to_numeric(batch_df[name], errors="coerce").to_numpy(
