@@ -172,16 +172,6 @@ def all_batch_dirs(wildcards):
     return expand(PATHS.batch_dir, batch=manifest_batch_names())
 
 
-def all_benchmarks(wildcards):
-    """Benchmark files of the stages and of every cutout job (for the run summary's timings;
-    absent ones, e.g. of the demo rule, are skipped by cutana.index)."""
-    stages = [
-        f"{PATHS.benchmarks}/{stage}.tsv"
-        for stage in ("make_demo_survey", "split_catalogue", "profile_memory")
-    ]
-    return stages + expand(PATHS.cutout_benchmark, batch=manifest_batch_names())
-
-
 @functools.lru_cache(maxsize=4)
 def _load_memory_model(path, mtime_ns):
     # Keyed by mtime so a re-profiled model is re-read; cached because the resource callable

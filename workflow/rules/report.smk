@@ -18,7 +18,7 @@ rule merge_index:
     conda:
         "../../envs/cutana.yaml"
     params:
-        benchmarks=all_benchmarks,
+        benchmarks_dir=PATHS.benchmarks,
         output_dir=lambda wildcards, output: os.path.dirname(output.index),
     script:
         "../../scripts/merge_index.py"
