@@ -98,41 +98,69 @@ def _lerp(low: np.ndarray, high: np.ndarray, fraction: np.ndarray) -> np.ndarray
     )
 
 
-def _sorted_smallest(rows: np.ndarray, needed: np.ndarray, sample_stride: int = 16) -> np.ndarray:
-    """The ``needed.max()`` smallest values of each row, sorted ascending (+inf padded).
+def _order_keys(values: np.ndarray, largest: bool) -> np.ndarray:
+    """Sort keys: the values (smallest first) or their negation (largest first), +inf invalid."""
+    if not largest:
+        return values
+    keys = np.negative(values)
+    keys[keys == -np.inf] = np.inf
+    return keys
 
-    Rows hold finite values and +inf for invalid entries. Instead of partitioning whole rows,
-    a threshold is taken from a strided sample of each row and only the values at or below it
-    are sorted; every row whose candidate count falls short of its ``needed`` order statistics
-    (an unlucky sample) is done exactly by a full sort. The result is exact either way.
+
+def _sorted_extremes(
+    rows: np.ndarray,
+    needed: np.ndarray,
+    largest: bool,
+    has_invalid: bool = True,
+    sample_stride: int = 16,
+) -> np.ndarray:
+    """The ``needed.max()`` smallest (or largest) values of each row as ascending sort keys.
+
+    Rows hold finite values and +inf for invalid entries. Keys are the values themselves, or
+    for ``largest`` their negation (so the largest value comes first); missing entries are
+    +inf. Instead of partitioning whole rows, a threshold is taken from a strided sample of each
+    row and only the values beyond it are sorted; a row whose candidates fall short of its
+    ``needed`` order statistics (an unlucky sample) is sorted in full. Exact either way.
+    ``has_invalid=False`` promises that no row holds +inf, which saves a pass.
     """
     n_rows, length = rows.shape
     width = int(needed.max(initial=0))
     result = np.full((n_rows, max(width, 1)), np.inf, dtype=rows.dtype)
     if width == 0:
         return result
-    sample = rows[:, ::sample_stride]
     # Sample rank whose expected full-row rank is about twice the need: few candidates to sort.
     rank = int(np.ceil(2.0 * width / sample_stride)) + 8
-    if rank >= sample.shape[1] or width * 8 >= length:
+    sample_length = -(-length // sample_stride)
+    if rank >= sample_length or width * 8 >= length:
         # A large share of the row is needed anyway: partition whole rows, then sort the head.
-        head = np.partition(rows, width - 1, axis=1)[:, :width] if width < length else rows
+        keys = _order_keys(rows, largest)
+        head = np.partition(keys, width - 1, axis=1)[:, :width] if width < length else keys
         result[:, :width] = np.sort(head, axis=1)
         return result
-    threshold = np.partition(sample, rank, axis=1)[:, rank]
-    is_candidate = rows <= threshold[:, None]
+    sample_keys = _order_keys(rows[:, ::sample_stride], largest)
+    threshold = np.partition(sample_keys, rank, axis=1)[:, rank : rank + 1]
+    if largest:
+        # Negating the threshold avoids negating the whole chunk; +inf (invalid) is excluded.
+        is_candidate = rows >= -threshold
+        if has_invalid:
+            is_candidate &= rows != np.inf
+    else:
+        is_candidate = rows <= threshold
     counts = np.count_nonzero(is_candidate, axis=1)
     short = counts < needed
     max_count = int(counts.max())
     if max_count:
         # Scatter the row-major candidates into a +inf padded (rows, max_count) matrix.
         padded = np.full((n_rows, max_count), np.inf, dtype=rows.dtype)
-        padded[np.arange(max_count)[None, :] < counts[:, None]] = rows[is_candidate]
+        candidates = rows[is_candidate]
+        padded[np.arange(max_count)[None, :] < counts[:, None]] = (
+            -candidates if largest else candidates
+        )
         padded.sort(axis=1)
         take = min(width, max_count)
         result[~short, :take] = padded[~short, :take]
     for row in np.flatnonzero(short):
-        result[row, :width] = np.sort(rows[row])[:width]
+        result[row, :width] = np.sort(_order_keys(rows[row], largest))[:width]
     return result
 
 
@@ -164,7 +192,7 @@ def percentile_limits(
     """
     counts = np.asarray(counts, dtype=np.int64)
     has_values = counts > 0
-    has_all_values = bool(np.all(counts == rows.shape[1]))
+    has_invalid = bool(np.any(counts < rows.shape[1]))
     last = np.maximum(counts - 1, 0)
     limits = []
     for percentile in (lower, upper):
@@ -173,18 +201,15 @@ def percentile_limits(
         above = np.minimum(below + 1, last)
         fraction = virtual - below
         if percentile <= 50.0:
-            smallest = _sorted_smallest(rows, np.where(has_values, above + 1, 0))
+            smallest = _sorted_extremes(rows, np.where(has_values, above + 1, 0), largest=False)
             low = np.take_along_axis(smallest, below[:, None], axis=1)[:, 0]
             high = np.take_along_axis(smallest, above[:, None], axis=1)[:, 0]
         else:
-            # Rank from the top: order statistic k of n is rank n - 1 - k of the negated values;
-            # invalid +inf entries must stay last, so they become +inf again after negation.
-            negated = np.negative(rows)
-            if not has_all_values:
-                negated[negated == -np.inf] = np.inf
+            # Rank from the top: order statistic k of n is rank n - 1 - k from the largest.
             top_rank_below = last - below
             top_rank_above = last - above
-            smallest = _sorted_smallest(negated, np.where(has_values, top_rank_below + 1, 0))
+            needed = np.where(has_values, top_rank_below + 1, 0)
+            smallest = _sorted_extremes(rows, needed, largest=True, has_invalid=has_invalid)
             low = -np.take_along_axis(smallest, top_rank_below[:, None], axis=1)[:, 0]
             high = -np.take_along_axis(smallest, top_rank_above[:, None], axis=1)[:, 0]
         # Rows without valid values hold +inf: make them finite before the arithmetic.
@@ -255,6 +280,17 @@ def _chunk_limits(images, valid, cfg, method, region):
     return low.reshape(shape), high.reshape(shape)
 
 
+def _valid_and_finite(images: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``valid & isfinite(images)`` and whether that is all True, cheaply in the common case.
+
+    A finite sum proves every value finite (one fast reduction instead of two passes).
+    """
+    if valid.all() and np.isfinite(np.sum(images, dtype=np.float64)):
+        return valid, True
+    valid = valid & np.isfinite(images)
+    return valid, bool(valid.all())
+
+
 def _chunks(images: np.ndarray):
     """Slices of consecutive images holding about ``_CHUNK_PIXELS`` values each."""
     per_image = max(1, int(np.prod(images.shape[1:])))
@@ -290,7 +326,7 @@ def interval_limits(
         return vmin, vmax
     region = crop_region(height, width, cfg)
     for chunk in _chunks(images):
-        chunk_valid = valid[chunk] & np.isfinite(images[chunk])
+        chunk_valid, _ = _valid_and_finite(images[chunk], valid[chunk])
         vmin[chunk], vmax[chunk] = _chunk_limits(images[chunk], chunk_valid, cfg, method, region)
     return vmin, vmax
 
@@ -381,10 +417,12 @@ def normalise_batch(images: np.ndarray, valid: np.ndarray, cfg: Mapping) -> np.n
     # Chunks of a few MB: limits and stretch of a chunk run while its data is still in cache.
     for chunk in _chunks(images):
         chunk_images = images[chunk]
-        chunk_valid = valid[chunk] & np.isfinite(chunk_images)
-        all_valid = bool(chunk_valid.all())
+        chunk_valid, all_valid = _valid_and_finite(chunk_images, valid[chunk])
+        chunk_out = out[chunk]
         if method == "none" and data_type == "float32":
-            out[chunk] = chunk_images if all_valid else np.where(chunk_valid, chunk_images, fill)
+            chunk_out[...] = chunk_images
+            if not all_valid:
+                chunk_out[~chunk_valid] = fill
             continue
         vmin, vmax = _chunk_limits(chunk_images, chunk_valid, cfg, method, region)
         # Channels without valid pixels or with a constant value map to t = 0 (SPEC §6).
@@ -393,11 +431,14 @@ def normalise_batch(images: np.ndarray, valid: np.ndarray, cfg: Mapping) -> np.n
         offset = np.where(np.isfinite(vmin), vmin, 0.0).astype(np.float32)[:, None, None, :]
         scale = np.where(usable, 1.0 / np.where(usable, span, 1.0), 0.0)
         scale = scale.astype(np.float32)[:, None, None, :]
+        # float32 output is computed in place in ``out``; uint8 needs a float32 scratch array.
+        t = chunk_out if data_type == "float32" else np.empty(chunk_images.shape, np.float32)
         if all_valid:
-            t = chunk_images - offset
+            np.subtract(chunk_images, offset, out=t)
         else:
-            # Zero invalid pixels first so NaN/inf never reach the integer cast (it would warn).
-            t = np.where(chunk_valid, chunk_images, np.float32(0))
+            # Zero invalid pixels first so NaN/inf never reach the arithmetic or integer cast.
+            np.copyto(t, chunk_images)
+            t[~chunk_valid] = 0.0
             t -= offset
         t *= scale
         np.clip(t, 0.0, 1.0, out=t)
@@ -405,8 +446,7 @@ def normalise_batch(images: np.ndarray, valid: np.ndarray, cfg: Mapping) -> np.n
         if data_type == "uint8":
             t *= 255.0
             np.rint(t, out=t)
-        chunk_out = out[chunk]
-        chunk_out[...] = t
+            chunk_out[...] = t
         if not all_valid:
             chunk_out[~chunk_valid] = fill
     return out
