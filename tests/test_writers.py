@@ -205,6 +205,17 @@ def test_fits_batch_headers_and_wcs(tmp_path):
                 )
 
 
+def test_fits_batch_is_reproducible_and_checksummed(tmp_path):
+    images, metadata, cfg = _images(2, channels=2), _metadata(2), _fits_cfg()
+    first = write_fits_batch(tmp_path / "a", images, metadata, cfg)
+    second = write_fits_batch(tmp_path / "b", images, metadata, cfg)
+    for name in first:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with fits.open(tmp_path / "a" / first[0], checksum=True) as hdul:
+        assert all(hdu.verify_checksum() == 1 and hdu.verify_datasum() == 1 for hdu in hdul)
+    assert second == first
+
+
 def test_fits_channel_names_and_dtypes(tmp_path):
     cfg = _fits_cfg(
         channel_weights={"VIS": [0, 0, 1], "NIR_J": [0, 1, 0], "NIR_H": [1, 0, 0]},

@@ -350,7 +350,7 @@ def _primary_header(row: Mapping, cfg: Mapping, image_side: int, n_channels: int
     scale = _value(row, "pixel_scale_arcsec")
     size_arcsec = float(scale) * image_side if scale is not None else _value(row, "diameter_arcsec")
     if size_arcsec is not None:
-        header["SIZEARC"] = (float(size_arcsec), "[arcsec] stamp side on the sky")
+        header["SIZEARC"] = (round(float(size_arcsec), 6), "[arcsec] stamp side on the sky")
     header["STRETCH"] = (str(cfg.get("normalisation_method", "")), "normalisation method")
     header["DTYPE"] = (str(cfg.get("data_type", "")), "output data type")
     header["NCHAN"] = (n_channels, "number of image extensions (channels)")
@@ -438,6 +438,12 @@ def write_fits_batch(
                 if unit:
                     hdu.header["BUNIT"] = unit
                 hdus.append(hdu)
-            fits.HDUList(hdus).writeto(tmp / file_name, checksum=True)
+            hdulist = fits.HDUList(hdus)
+            # Final headers first (EXTEND), then checksums over them; a fixed comment instead
+            # of astropy's timestamp keeps reruns byte-identical.
+            hdulist.update_extend()
+            for hdu in hdulist:
+                hdu.add_checksum(when="HDU checksum (cutana)")
+            hdulist.writeto(tmp / file_name)
             file_names.append(file_name)
     return file_names
