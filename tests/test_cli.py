@@ -165,7 +165,7 @@ def test_installed_cli_runs_the_packaged_workflow_from_any_directory(installed_v
     config.update(
         output_dir="results",  # relative: resolved against the directory of `cutana run`
         target_resolution=16,
-        N_batch_cutout_process=10,
+        N_batch_cutout_process=12,  # two batches: the progress bar has steps to show
         gallery={"n_samples": 4},
         memory={"profile_sources": 5},
     )
