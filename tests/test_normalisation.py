@@ -13,7 +13,12 @@ from astropy.visualization import (
 
 from cutana.config import validate_config
 from cutana.exceptions import ConfigValidationError
-from cutana.normalisation import interval_limits, normalise_batch, percentile_limits
+from cutana.normalisation import (
+    interval_limits,
+    normalise_batch,
+    percentile_limits,
+    zscale_limits,
+)
 
 
 def _config(method, **kwargs):
@@ -120,6 +125,27 @@ def test_percentile_limits_equal_numpy_percentile_bit_for_bit():
             else:
                 expected = np.percentile(values, (lower, 100 - lower))
                 assert (vmin[r], vmax[r]) == tuple(expected), (trial, r)
+
+
+@pytest.mark.parametrize("n_samples", [100, 1000, 777])
+def test_zscale_limits_equal_astropy_exactly(n_samples):
+    rng = np.random.default_rng(9)
+    rows = rng.normal(50.0, 4.0, size=(6, 2500)).astype(np.float32)
+    rows[:, ::97] += 300.0  # outliers the rejection has to remove
+    invalid = np.zeros(rows.shape, dtype=bool)
+    invalid[1, :1000] = True  # partial rows, with fewer valid values than samples for some
+    invalid[2] = rng.random(2500) < 0.97
+    invalid[3] = True
+    rows[invalid] = np.inf
+    counts = (~invalid).sum(axis=1)
+    vmin, vmax = zscale_limits(rows, counts, n_samples, 0.3)
+    interval = ZScaleInterval(n_samples=n_samples, contrast=0.3)
+    for r in range(rows.shape[0]):
+        if counts[r] == 0:
+            assert np.isnan(vmin[r]) and np.isnan(vmax[r])
+            continue
+        expected = interval.get_limits(np.where(invalid[r], np.nan, rows[r]))
+        assert (vmin[r], vmax[r]) == pytest.approx(expected, rel=1e-12)
 
 
 def test_crop_limits_come_from_the_central_region_only():
