@@ -457,3 +457,21 @@ def test_cutout_jobs_killed_for_memory_then_retried_with_more(demo_runs):
     excerpt = "\n".join(_short(line) for line in SBATCH_RE.findall(both_runs))
     (demo_runs["work"] / "sbatch_lines.txt").write_text(excerpt + "\n")
     print(excerpt)
+
+
+def test_cutout_memory_comes_from_the_memory_model(demo_runs):
+    # Run 1 used the workflow's own estimates: every cutout job's --mem must be the profiled
+    # model's value for its batch (SPEC §3.2), so profiling must have run before any cutout
+    # job was created (not the model's fallback for an unprofiled run).
+    from cutana import memory_model
+
+    log1 = demo_runs["log1"]
+    calls = SBATCH_RE.findall(log1)
+    first_cutout = next(i for i, c in enumerate(calls) if "--comment rule_cutout_batch" in c)
+    assert any("--comment rule_profile_memory" in c for c in calls[:first_cutout]), calls
+
+    model = memory_model.load_model(demo_runs["slurm"] / ".cutana" / "memory_model.json")
+    for line in _sbatch_lines(log1, "cutout_batch"):
+        batch = _target(line).split("batch=", 1)[1]
+        mem = int(MEM_RE.search(line).group(1))
+        assert mem == memory_model.mem_mb_for_batch(batch, model, 1), line
