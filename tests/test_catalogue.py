@@ -336,3 +336,21 @@ def test_schema_matches_validator_limits():
     for column in cat.SIZE_COLUMNS:
         assert props[column]["maximum"] == cat.MAX_DIAMETER[column]
         assert props[column]["exclusiveMinimum"] == 0
+
+
+def test_dataframe_with_mixed_types_is_validated_not_crashed():
+    frame = pd.DataFrame(
+        {
+            "SourceID": ["a", "b", "c"],
+            "RA": [1.0, "x", 3],
+            "Dec": [0, 0, 0],
+            "diameter_pixel": [5, 5, 5],
+            "fits_file_paths": [["/a.fits"], "['/a.fits']", ("/a.fits",)],
+        }
+    )
+    scan = cat.scan_catalogue(frame, 1)
+    assert scan.problems.lines() == [
+        "column 'RA': value is not a number in 1 row: row 1 = 'x'. "
+        "Fix: give a plain number in degrees"
+    ]
+    assert scan.tiles == [("/a.fits",)] and scan.tile_rows == [3]

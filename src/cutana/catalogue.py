@@ -345,6 +345,37 @@ def _slice_table(table: pa.Table, chunk_rows: int) -> Iterator[pa.Table]:
         yield table.slice(start, chunk_rows)
 
 
+def _frame_to_raw_table(frame: pd.DataFrame) -> pa.Table:
+    """Convert in-memory catalogue rows to a raw Arrow table without failing on mixed types.
+
+    Path lists held as Python lists, tuples or arrays become JSON text (so lists and list text
+    may be mixed); a column whose values Arrow cannot convert as a whole is passed as text, so
+    the validator names the bad values instead of crashing.
+    """
+    columns = {}
+    for name in frame.columns:
+        values = frame[name]
+        if name == "fits_file_paths" and values.dtype == object:
+            values = values.map(_list_to_json)
+        try:
+            columns[str(name)] = pa.array(values, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[str(name)] = pa.array([_text_or_none(v) for v in values], pa.string())
+    return pa.table(columns)
+
+
+def _list_to_json(value):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return json.dumps([str(p) for p in value])
+    return value
+
+
+def _text_or_none(value) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value)
+
+
 def _open_raw(source: CatalogueSource, chunk_rows: int) -> tuple[list[str], Iterator[pa.Table]]:
     """Return the header and an iterator of raw chunks (pyarrow Tables of the known columns)."""
     if isinstance(source, pd.DataFrame):
@@ -354,7 +385,7 @@ def _open_raw(source: CatalogueSource, chunk_rows: int) -> tuple[list[str], Iter
         def frames():
             for start in range(0, len(source), chunk_rows):
                 part = source.iloc[start : start + chunk_rows][wanted]
-                yield pa.Table.from_pandas(part, preserve_index=False)
+                yield _frame_to_raw_table(part)
 
         return columns, frames()
 
@@ -965,7 +996,7 @@ def normalise_columns(df: pd.DataFrame, first_row: int = 0, path=None) -> pd.Dat
     scanner = _Scanner(df, None, size_column, base)
     scanner.scan.total_rows = first_row
     wanted = [c for c in df.columns if c in REQUIRED_COLUMNS + SIZE_COLUMNS]
-    table, _ = scanner.feed(pa.Table.from_pandas(df[wanted], preserve_index=False))
+    table, _ = scanner.feed(_frame_to_raw_table(df[wanted]))
     return spool_table_to_frame(table, scanner.scan.tiles)
 
 
@@ -1011,21 +1042,7 @@ def validate_catalogue_chunk(
     scanner.scan.total_rows = first_row
     frame = df.drop(columns=["row_index"], errors="ignore")
     wanted = [c for c in frame.columns if c in REQUIRED_COLUMNS + SIZE_COLUMNS]
-    raw = frame[wanted]
-    if (
-        "fits_file_paths" in raw
-        and raw["fits_file_paths"].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any()
-    ):
-        raw = raw.assign(
-            fits_file_paths=raw["fits_file_paths"].map(
-                lambda v: (
-                    json.dumps([str(p) for p in v])
-                    if isinstance(v, (list, tuple, np.ndarray))
-                    else v
-                )
-            )
-        )
-    table, _ = scanner.feed(pa.Table.from_pandas(raw, preserve_index=False))
+    table, _ = scanner.feed(_frame_to_raw_table(frame[wanted]))
     ids = table.column("SourceID").to_pandas()
     scanner.finish(
         lambda rows: {row: ids.iloc[row - first_row] for row in rows},
