@@ -656,3 +656,17 @@ def test_status_tables_are_read_from_metadata_only_once(fake_workflow, tmp_path)
     # A stale table from another catalogue (not in the manifest) is not counted.
     pq.write_table(pq.read_table(next(status_dir.glob("*.parquet"))), status_dir / "stale.parquet")
     assert orchestrator.get_progress()["completed_batches"] == 2
+
+
+def test_killed_run_leaves_no_lock_and_reruns(fake_workflow):
+    args = ["--config", "fake_batches=3", "fake_sleep=1"]
+    orchestrator = Orchestrator(fake_workflow(max_workers=1), snakemake_args=args)
+    orchestrator.start_processing(wait=False)
+    deadline = time.time() + 60
+    while orchestrator.get_progress()["total_batches"] == 0 and time.time() < deadline:
+        time.sleep(0.1)
+    # No grace time: Snakemake is killed (SIGKILL) before it can release its lock.
+    stopped = orchestrator.stop_processing(timeout=0.0)
+    assert stopped["killed"] and orchestrator.wait()["status"] == "stopped"
+    result = Orchestrator(fake_workflow(), snakemake_args=args).run()
+    assert result["status"] == "completed", result["error"]

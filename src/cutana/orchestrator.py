@@ -35,7 +35,6 @@ from typing import Any
 import pandas as pd
 import psutil
 import pyarrow.parquet as pq
-import yaml
 
 from .config import to_plain, validate_config
 from .paths import snakefile
@@ -305,8 +304,11 @@ class Orchestrator:
         run_config["demo"]["dir"] = str(self._absolute(self.config["demo"]["dir"]))
         self.run_config_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.run_config_path.with_name(f"run_config.yaml.tmp-{os.getpid()}")
+        # JSON, not YAML: Snakemake reads JSON config files as plain data, whereas a YAML file
+        # with `__use_yte__: true` is a YTE template whose `?...` values it evaluates as Python
+        # (config files are data, SPEC §5). JSON is also valid YAML for readers of this file.
         with open(tmp, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(run_config, handle, sort_keys=False)
+            json.dump(run_config, handle, indent=1)
         _replace_if_changed(tmp, self.run_config_path)
 
     def snakemake_command(self) -> list[str]:
@@ -473,6 +475,12 @@ class Orchestrator:
         else:
             status = "failed"
             error = f"{error_from_log(self.log_path)} (Snakemake log: {self.log_path})"
+            if "LockException" in error or "cannot be locked" in error:
+                error += (
+                    f"; another run is using {self.output_dir}, or a killed run left its lock: "
+                    "if none is running, run `snakemake --unlock` with the same arguments "
+                    f"(first line of {self.log_path})"
+                )
         result = self._base_result(status, error)
         if status == "completed":
             summary = _read_json(self.summary_path)
@@ -638,12 +646,24 @@ class Orchestrator:
             self._signal_group(process, signal.SIGKILL)
             process.wait()
             killed = True
+            self._unlock()
         # Jobs still shutting down keep the process group alive after Snakemake exits.
         _wait_for_pids(pids, timeout=10.0)
         if self._watcher is not None:
             self._watcher.join(timeout=30.0)
         self._remove_partial_batches()
         return {"stopped_processes": pids, "status": self._status, "killed": killed}
+
+    def _unlock(self) -> None:
+        """Remove the Snakemake locks a killed run of ours left, so the next run can start."""
+        subprocess.run(
+            [*self.snakemake_command(), "--unlock"],
+            cwd=self.working_directory,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
 
     @staticmethod
     def _signal_group(process: subprocess.Popen, signum: int) -> None:
