@@ -54,14 +54,21 @@ def mix_channels(
     if not np.all(np.isfinite(weights)):
         raise ValueError(f"channel weights must be finite numbers, got {weights.tolist()}")
 
-    valid = valid & np.isfinite(bands)
-    # Zeroing invalid data first makes 0 * (invalid) exactly 0, so a zero weight never lets a
-    # NaN through, and lets one BLAS contraction do the whole weighted sum.
-    clean = np.where(valid, bands, np.float32(0))
-    images = np.tensordot(clean, weights.astype(np.float32), axes=([1], [0]))
-    # Count, per output channel, the invalid bands that carry weight: valid iff that count is 0.
-    uses_band = (weights != 0).astype(np.float32)
-    invalid_used = np.tensordot((~valid).astype(np.float32), uses_band, axes=([1], [0]))
-    valid_out = invalid_used == 0
+    n, n_bands, height, width = bands.shape
+    n_channels = weights.shape[1]
+    images = np.zeros((n, height, width, n_channels), dtype=np.float32)
+    valid_out = np.ones((n, height, width, n_channels), dtype=bool)
+    # A few bands and channels: a multiply-add per (band, channel) pair with a nonzero weight is
+    # memory-bound and much faster than a tensordot, which would transpose the whole batch.
+    # Invalid data is zeroed once per band, so a zero weight never lets a NaN through.
+    for band in range(n_bands):
+        used_by = np.flatnonzero(weights[band])
+        if used_by.size == 0:
+            continue
+        band_valid = valid[:, band] & np.isfinite(bands[:, band])
+        clean = np.where(band_valid, bands[:, band], np.float32(0))
+        for channel in used_by:
+            images[..., channel] += np.float32(weights[band, channel]) * clean
+            valid_out[..., channel] &= band_valid
     images[~valid_out] = 0.0
-    return np.ascontiguousarray(images, dtype=np.float32), valid_out
+    return images, valid_out
