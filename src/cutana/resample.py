@@ -169,13 +169,14 @@ def resample_stack(
 
     out = _resize_stack(clean, target, flag)
     valid_out = np.ones((count, target, target), dtype=bool)
-    with_holes = np.flatnonzero(~valid.all(axis=(1, 2)))
-    if with_holes.size:
-        weight = _resize_stack(valid[with_holes].astype(np.float32), target, flag)
-        is_valid = weight >= MIN_VALID_WEIGHT
-        values = out[with_holes]
-        np.divide(values, weight, out=values, where=is_valid)
-        values[~is_valid] = 0.0
-        out[with_holes] = values
-        valid_out[with_holes] = is_valid
+    weight = np.empty((target, target), dtype=np.float32)
+    for k in np.flatnonzero(~valid.all(axis=(1, 2))):
+        # Per stamp, in place: fancy-indexed copies of the whole holed subset cost more than
+        # the resampling itself.
+        cv2.resize(valid[k].astype(np.float32), (target, target), dst=weight, interpolation=flag)
+        is_valid = np.greater_equal(weight, MIN_VALID_WEIGHT, out=valid_out[k])
+        # Outputs below the threshold are zeroed next, so flooring the weight only avoids /0.
+        np.maximum(weight, MIN_VALID_WEIGHT, out=weight)
+        out[k] /= weight
+        out[k][~is_valid] = 0.0
     return out, valid_out
