@@ -177,23 +177,13 @@ def test_dry_run_with_slurm_profile(slurm_cluster, tmp_path):
     assert "This was a dry-run" in res.stdout
 
 
-def test_site_settings_reach_the_jobs(slurm_cluster, tmp_path):
-    # docs/cluster.md: partition/account/runtime go in the user's own profile, combined with
-    # ours. They, and our profile's runtime, must survive the workflow profile
-    # (profiles/default), which Snakemake applies last and which replaces whole top-level keys.
-    site = tmp_path / "mysite"
-    site.mkdir()
-    (site / "config.yaml").write_text(
-        "default-resources:\n  slurm_partition: debug\n  runtime: 33\n  cpus_per_task: 1\n"
-    )
+def _dry_run_resources(tmp_path: Path, profile_args: list[str]) -> list[str]:
+    """The `resources:` lines of a dry run of the real workflow with these profile options."""
     demo = tmp_path / "demo"
     res = _snakemake(
         [
             "-n",
-            "--profile",
-            str(PROFILE),
-            "--profile",
-            str(site),
+            *profile_args,
             "-s",
             str(SNAKEFILE),
             "--config",
@@ -205,10 +195,30 @@ def test_site_settings_reach_the_jobs(slurm_cluster, tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, _tail(res.stdout)
-    resources = [line for line in res.stdout.splitlines() if line.strip().startswith("resources:")]
-    assert resources
-    for line in resources:
+    lines = [line.strip() for line in res.stdout.splitlines()]
+    resources = [line for line in lines if line.startswith("resources:")]
+    assert resources, _tail(res.stdout)
+    return resources
+
+
+def test_site_settings_reach_the_jobs(slurm_cluster, tmp_path):
+    # docs/cluster.md: partition/account/runtime in the user's own profile, combined with ours.
+    site = tmp_path / "mysite"
+    site.mkdir()
+    (site / "config.yaml").write_text(
+        "default-resources:\n  slurm_partition: debug\n  runtime: 33\n  cpus_per_task: 1\n"
+    )
+    args = ["--profile", str(PROFILE), "--profile", str(site), "--workflow-profile", "none"]
+    for line in _dry_run_resources(tmp_path, args):
         assert "slurm_partition=debug" in line and "runtime=33" in line, line
+
+
+def test_profile_resources_survive_the_workflow_profile(slurm_cluster, tmp_path):
+    # The plain entry point (SPEC §1): `snakemake --profile profiles/slurm`. Snakemake also
+    # applies profiles/default, last, and a `default-resources` there replaces ours whole: then
+    # the jobs silently lose their runtime (sbatch -t). profiles/default must not set it.
+    for line in _dry_run_resources(tmp_path, ["--profile", str(PROFILE)]):
+        assert "runtime=60" in line and "cpus_per_task=1" in line, line
 
 
 # ---------------------------------------------------------------------------------------------
