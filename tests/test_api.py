@@ -351,7 +351,10 @@ def test_fake_run_command_maps_workers_memory_and_quiet(fake_workflow):
     verbose = Orchestrator(fake_workflow(console_log_level="INFO"), profile="slurm")
     command = verbose.snakemake_command()
     assert "--quiet" not in command and "--resources" not in command
-    assert command[command.index("--profile") + 1] == "slurm"
+    # The shipped SLURM profile is found by name from any directory.
+    slurm_profile = Path(command[command.index("--profile") + 1])
+    assert slurm_profile == cutana.paths.workflow_root() / "profiles" / "slurm"
+    assert orchestrator_module.resolve_profile("my/own/profile") == "my/own/profile"
 
 
 def test_fake_run_failure_reports_the_script_error(fake_workflow):

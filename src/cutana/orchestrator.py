@@ -37,7 +37,7 @@ import psutil
 import pyarrow.parquet as pq
 
 from .config import to_plain, validate_config
-from .paths import snakefile
+from .paths import snakefile, workflow_root
 from .progress_report import ProgressReport
 
 logger = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ class Orchestrator:
             "--rerun-incomplete",
         ]
         if self.profile:
-            command += ["--profile", str(self.profile)]
+            command += ["--profile", resolve_profile(self.profile)]
         if self.cores is not None:
             command += ["--cores", str(int(self.cores))]
         elif not self.profile:
@@ -697,6 +697,23 @@ class Orchestrator:
 
 
 # ---------------------------------------------------------------------- helpers
+def resolve_profile(profile: str | os.PathLike) -> str:
+    """Find a Snakemake profile given as a path or as the name of a shipped profile.
+
+    ``slurm`` and ``profiles/slurm`` name the workflow's own ``profiles/slurm`` (inside the
+    installed package or the checkout) unless such a folder exists in the current directory;
+    anything else is passed on for Snakemake's own search (``~/.config/snakemake``, ...).
+    """
+    path = Path(profile).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    root = workflow_root()
+    for candidate in (root / path, root / "profiles" / path):
+        if candidate.is_dir():
+            return str(candidate)
+    return str(profile)
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         with open(path, encoding="utf-8") as handle:
