@@ -19,7 +19,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import tomli_w
 import yaml
 from dotmap import DotMap
@@ -75,7 +74,11 @@ def to_plain(config: Mapping | DotMap) -> dict:
 def _merge(base: dict, override: Mapping) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "channel_weights":
+        if (
+            isinstance(value, Mapping)
+            and isinstance(out.get(key), dict)
+            and key != "channel_weights"
+        ):
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -95,14 +98,16 @@ def _unknown_keys(config: Mapping, schema: Mapping, prefix: str = "") -> list[st
     return unknown
 
 
-def _describe_error(error: jsonschema.ValidationError) -> str:
+def _describe_error(error) -> str:
     key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
     schema = error.schema
     allowed = []
     if "enum" in schema:
         allowed.append("one of " + ", ".join(repr(v) for v in schema["enum"]))
     if "minimum" in schema or "maximum" in schema:
-        allowed.append(f"a value in [{schema.get('minimum', '-inf')}, {schema.get('maximum', 'inf')}]")
+        allowed.append(
+            f"a value in [{schema.get('minimum', '-inf')}, {schema.get('maximum', 'inf')}]"
+        )
     if "type" in schema and not allowed:
         allowed.append(f"of type {schema['type']}")
     hint = f"; allowed: {' and '.join(allowed)}" if allowed else ""
@@ -129,6 +134,9 @@ def validate_config(config: Mapping | DotMap, warn_unknown: bool = True) -> dict
     ConfigValidationError
         Naming every bad key, its value and the allowed values or range.
     """
+    # Imported here: jsonschema costs ~1 s of import time, which every cutout job would pay.
+    import jsonschema
+
     merged = _merge(default_config_dict(), to_plain(config))
     schema = load_schema()
     errors = sorted(
@@ -137,9 +145,7 @@ def validate_config(config: Mapping | DotMap, warn_unknown: bool = True) -> dict
     messages = [_describe_error(e) for e in errors]
     messages.extend(_cross_key_errors(merged))
     if messages:
-        raise ConfigValidationError(
-            "Invalid cutana configuration:\n  - " + "\n  - ".join(messages)
-        )
+        raise ConfigValidationError("Invalid cutana configuration:\n  - " + "\n  - ".join(messages))
     if warn_unknown:
         for key in _unknown_keys(merged, schema):
             warnings.warn(
@@ -206,8 +212,17 @@ def config_hash(config: Mapping) -> str:
     """A stable short hash of the settings that change the pixels (not paths or log levels)."""
     plain = to_plain(config)
     ignored = {
-        "name", "log_level", "console_log_level", "output_dir", "max_workers", "ui",
-        "loadbalancer", "tracking_file", "config_file", "available_extensions", "gallery",
+        "name",
+        "log_level",
+        "console_log_level",
+        "output_dir",
+        "max_workers",
+        "ui",
+        "loadbalancer",
+        "tracking_file",
+        "config_file",
+        "available_extensions",
+        "gallery",
         "max_workflow_time_seconds",
     }
     relevant = {k: v for k, v in plain.items() if k not in ignored}
@@ -266,5 +281,7 @@ def load_config_file(filepath: str | Path) -> dict:
     with open(path, encoding="utf-8") as handle:
         data = yaml.safe_load(handle) or {}
     if not isinstance(data, dict):
-        raise ConfigValidationError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+        raise ConfigValidationError(
+            f"config file {path} must hold a mapping of keys, not {type(data).__name__}"
+        )
     return data
