@@ -136,6 +136,8 @@ def test_zscale_limits_equal_astropy_exactly(n_samples):
     invalid[1, :1000] = True  # partial rows, with fewer valid values than samples for some
     invalid[2] = rng.random(2500) < 0.97
     invalid[3] = True
+    rows[4] = np.round(rows[4] / 3)  # quantised data: many ties in the sorted samples
+    invalid[5, 3:] = True  # fewer samples than ZScale needs for a fit: min and max
     rows[invalid] = np.inf
     counts = (~invalid).sum(axis=1)
     vmin, vmax = zscale_limits(rows, counts, n_samples, 0.3)
@@ -145,7 +147,8 @@ def test_zscale_limits_equal_astropy_exactly(n_samples):
             assert np.isnan(vmin[r]) and np.isnan(vmax[r])
             continue
         expected = interval.get_limits(np.where(invalid[r], np.nan, rows[r]))
-        assert (vmin[r], vmax[r]) == pytest.approx(expected, rel=1e-12)
+        # Closed-form least squares vs np.polyfit: equal up to float64 rounding.
+        assert (vmin[r], vmax[r]) == pytest.approx(expected, rel=1e-9)
 
 
 def test_crop_limits_come_from_the_central_region_only():
