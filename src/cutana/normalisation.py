@@ -23,8 +23,8 @@ a row with invalid pixels set to +inf; rows are grouped by their number of valid
 (normally one group: all pixels valid), and one ``np.partition`` per group selects the four order
 statistics that ``np.percentile`` interpolates between. This is identical to ``np.percentile`` on
 the valid values and several times faster than a per-image loop (no sort, no boolean copies).
-ZScale's iterative fit is done per row by astropy itself, on a sample we take the way astropy
-would (:func:`zscale_limits`).
+ZScale takes astropy's samples and runs its iterative line fit for all rows at once
+(:func:`zscale_limits`), matching ``ZScaleInterval.get_limits`` to float64 rounding.
 """
 
 from __future__ import annotations
