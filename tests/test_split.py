@@ -116,6 +116,24 @@ def test_split_is_deterministic_and_replaces_old_batches(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["batches"]
 
 
+def test_dec_slabs_give_the_same_batches(tmp_path, monkeypatch):
+    """A bucket too large to sort in memory is cut into Dec slabs: same names and bytes."""
+    from cutana import catalogue as cat
+
+    path = tmp_path / "cat.parquet"
+    make_catalogue(2000, n_tiles=3).to_parquet(path)
+    whole = split_catalogue(path, config(37), tmp_path / "whole", check_files=False)
+    monkeypatch.setattr(cat, "MAX_SORT_ROWS", 150)
+    slabs = split_catalogue(path, config(37), tmp_path / "slabs", chunk_rows=300, check_files=False)
+    assert whole == slabs
+    for entry in whole["batches"]:
+        name = f"{entry['name']}.parquet"
+        assert (tmp_path / "whole/batches" / name).read_bytes() == (
+            tmp_path / "slabs/batches" / name
+        ).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "slabs").iterdir()) == ["batches"]
+
+
 def test_batch_id_changes_with_content(tmp_path):
     catalogue = make_catalogue(50, n_tiles=1)
     catalogue.to_csv(tmp_path / "one.csv", index=False)

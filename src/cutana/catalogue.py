@@ -54,6 +54,8 @@ MAX_EXAMPLES = 5
 MAX_PROBLEMS = 25
 #: Spool buckets used by split_catalogue (tiles are spread over them by tile number).
 N_SPOOL_BUCKETS = 32
+#: Largest spool bucket sorted in memory at once; bigger ones are cut into Dec slabs.
+MAX_SORT_ROWS = 2_000_000
 #: Column order and types of the batch files (docs/DESIGN.md, "Batch files").
 BATCH_SCHEMA = pa.schema(
     [
@@ -1115,80 +1117,138 @@ class _Spool:
         return sorted(self.writers)
 
 
+_SORT_KEYS = [
+    ("tile_code", "ascending"),
+    ("Dec", "ascending"),
+    ("RA", "ascending"),
+    ("row_index", "ascending"),
+]
+
+
+def _sorted_runs(spool_path: Path, max_rows: int) -> Iterator[tuple[pa.Table, pa.Array]]:
+    """Yield ``(table, order)`` pieces of one spool bucket sorted by (tile, Dec, RA, row).
+
+    A bucket of at most ``max_rows`` rows is one piece. A larger one (a catalogue dominated by
+    a few tiles) is first cut into Dec slabs of about ``max_rows / 2`` rows at Dec quantiles,
+    each sorted on its own: because a slab holds every row within its Dec range, concatenating
+    a tile's rows over the slabs in order gives the same order as one global sort, while only
+    one slab is in memory at a time.
+    """
+    parquet = pq.ParquetFile(spool_path)
+    n_rows = parquet.metadata.num_rows
+    slab_paths = [spool_path]
+    if n_rows > max_rows:
+        dec = pq.read_table(spool_path, columns=["Dec"]).column("Dec").to_numpy()
+        n_slabs = math.ceil(2 * n_rows / max_rows)
+        edges = np.unique(np.quantile(dec, np.linspace(0, 1, n_slabs + 1)[1:-1]))
+        del dec
+        slab_paths = [
+            spool_path.with_name(f"{spool_path.stem}_slab{k:04d}.parquet")
+            for k in range(len(edges) + 1)
+        ]
+        writers = {}
+        for batch in parquet.iter_batches(batch_size=200_000):
+            table = pa.Table.from_batches([batch])
+            # side="right": equal Dec values share a slab, so ties keep the global order.
+            slab = np.searchsorted(edges, table.column("Dec").to_numpy(), side="right")
+            for k in np.unique(slab).tolist():
+                if k not in writers:
+                    writers[k] = pq.ParquetWriter(slab_paths[k], _SPOOL_SCHEMA, compression="none")
+                writers[k].write_table(table.filter(pa.array(slab == k)))
+        for writer in writers.values():
+            writer.close()
+        parquet.close()
+        spool_path.unlink()
+        slab_paths = [slab_paths[k] for k in sorted(writers)]
+    for path in slab_paths:
+        # One contiguous chunk: taking rows from a many-chunk table costs O(chunks) per take.
+        table = pq.read_table(path).combine_chunks()
+        yield table, pc.sort_indices(table, sort_keys=_SORT_KEYS)
+        del table
+        path.unlink()
+
+
+class _BatchWriter:
+    """Cuts each tile's sorted rows into its predetermined batches and writes them."""
+
+    def __init__(self, scan: CatalogueScan, batch_limit: int, out_dir: Path) -> None:
+        self.scan = scan
+        self.out_dir = out_dir
+        self.tile_ids = scan.tile_ids
+        if len(set(self.tile_ids)) != len(self.tile_ids):  # 48-bit ids: practically impossible
+            raise CutanaError("two different tiles got the same short id; please report this")
+        self.sizes = [_batch_sizes(n, batch_limit) for n in scan.tile_rows]
+        counts = [len(sizes) for sizes in self.sizes]
+        self.first_index = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.pending_rows: dict[int, int] = {}
+        self.next_batch: dict[int, int] = {}
+        self.entries: list[dict] = []
+
+    def add(self, code: int, rows: pa.Table) -> None:
+        """Append sorted rows of tile ``code``; write every batch that becomes complete."""
+        offset = 0
+        while offset < rows.num_rows:
+            k = self.next_batch.get(code, 0)
+            have = self.pending_rows.get(code, 0)
+            n_take = min(self.sizes[code][k] - have, rows.num_rows - offset)
+            self.pending.setdefault(code, []).append(rows.slice(offset, n_take))
+            self.pending_rows[code] = have + n_take
+            offset += n_take
+            if self.pending_rows[code] == self.sizes[code][k]:
+                self._write(code, k, pa.concat_tables(self.pending.pop(code)))
+                self.pending_rows[code] = 0
+                self.next_batch[code] = k + 1
+
+    def _write(self, code: int, k: int, rows: pa.Table) -> None:
+        size = rows.num_rows
+        paths = list(self.scan.tiles[code])
+        repeat = np.zeros(size, np.int64)  # one-element arrays repeated by take(): no lists
+        missing_size = pa.nulls(size, pa.float64())  # the size column the catalogue lacks
+        has_pixel = self.scan.size_column == "diameter_pixel"
+        batch = pa.table(
+            {
+                "row_index": rows.column("row_index"),
+                "SourceID": rows.column("SourceID"),
+                "RA": rows.column("RA"),
+                "Dec": rows.column("Dec"),
+                "fits_file_paths": pa.array([paths], pa.list_(pa.string())).take(repeat),
+                "diameter_pixel": rows.column("diameter_pixel") if has_pixel else missing_size,
+                "diameter_arcsec": missing_size if has_pixel else rows.column("diameter_arcsec"),
+                "tile": pa.array([self.tile_ids[code]], pa.string()).take(repeat),
+            },
+            schema=BATCH_SCHEMA,
+        ).combine_chunks()
+        index = self.first_index[code] + k
+        content_id = _batch_content_id(batch, paths)
+        name = f"{index:05d}_{content_id}"
+        pq.write_table(batch, self.out_dir / f"{name}.parquet")
+        self.entries.append(
+            {
+                "name": name,
+                "index": index,
+                "id": content_id,
+                "n_sources": size,
+                "tile": self.tile_ids[code],
+            }
+        )
+
+
 def _write_batches(
     spool: _Spool, scan: CatalogueScan, batch_limit: int, out_dir: Path
 ) -> list[dict]:
-    tile_ids = scan.tile_ids
-    if len(set(tile_ids)) != len(tile_ids):  # 48-bit ids: practically impossible
-        raise CutanaError("two different tiles got the same short id; please report this")
-    n_batches_per_tile = [len(_batch_sizes(n, batch_limit)) for n in scan.tile_rows]
-    first_index = np.concatenate([[0], np.cumsum(n_batches_per_tile)]).astype(int).tolist()
-    entries: list[dict] = []
+    writer = _BatchWriter(scan, batch_limit, out_dir)
     for bucket in spool.close():
-        # One contiguous chunk: taking rows from a many-chunk table costs O(chunks) per take.
-        table = pq.read_table(spool.path(bucket)).combine_chunks()
-        order = pc.sort_indices(
-            table,
-            sort_keys=[
-                ("tile_code", "ascending"),
-                ("Dec", "ascending"),
-                ("RA", "ascending"),
-                ("row_index", "ascending"),
-            ],
-        )
-        codes = table.column("tile_code").take(order).to_numpy()
-        present = np.unique(codes)
-        starts = np.searchsorted(codes, present, side="left")
-        for code, start in zip(present.tolist(), starts.tolist(), strict=True):
-            paths = list(scan.tiles[code])
-            # Repeating one-element arrays by take() avoids building Python lists per row.
-            one_path_list = pa.array([paths], pa.list_(pa.string()))
-            one_tile = pa.array([tile_ids[code]], pa.string())
-            offset = start
-            for k, size in enumerate(_batch_sizes(scan.tile_rows[code], batch_limit)):
-                rows = table.take(order.slice(offset, size))
-                offset += size
-                batch = pa.table(
-                    {
-                        "row_index": rows.column("row_index"),
-                        "SourceID": rows.column("SourceID"),
-                        "RA": rows.column("RA"),
-                        "Dec": rows.column("Dec"),
-                        "fits_file_paths": one_path_list.take(np.zeros(size, np.int64)),
-                        "diameter_pixel": rows.column("diameter_pixel"),
-                        "diameter_arcsec": rows.column("diameter_arcsec"),
-                        "tile": one_tile.take(np.zeros(size, np.int64)),
-                    },
-                    schema=BATCH_SCHEMA,
-                )
-                # The size column the catalogue lacks is null, not NaN (docs/DESIGN.md).
-                other = (
-                    "diameter_arcsec"
-                    if scan.size_column == "diameter_pixel"
-                    else ("diameter_pixel")
-                )
-                batch = batch.set_column(
-                    batch.schema.get_field_index(other),
-                    other,
-                    pa.nulls(size, pa.float64()),
-                )
-                index = first_index[code] + k
-                content_id = _batch_content_id(batch, paths)
-                name = f"{index:05d}_{content_id}"
-                pq.write_table(batch, out_dir / f"{name}.parquet")
-                entries.append(
-                    {
-                        "name": name,
-                        "index": index,
-                        "id": content_id,
-                        "n_sources": size,
-                        "tile": tile_ids[code],
-                    }
-                )
-        del table
-        spool.path(bucket).unlink()
-    entries.sort(key=lambda e: e["index"])
-    return entries
+        for table, order in _sorted_runs(spool.path(bucket), MAX_SORT_ROWS):
+            codes = table.column("tile_code").take(order).to_numpy()
+            present = np.unique(codes)
+            starts = np.searchsorted(codes, present, side="left")
+            stops = np.searchsorted(codes, present, side="right")
+            for code, start, stop in zip(present.tolist(), starts, stops, strict=True):
+                writer.add(code, table.take(order.slice(int(start), int(stop - start))))
+    if writer.pending_rows and any(writer.pending_rows.values()):
+        raise CutanaError("internal error: rows left over after cutting batches")
+    return sorted(writer.entries, key=lambda e: e["index"])
 
 
 def _replace_dir(new: Path, target: Path) -> None:
