@@ -45,9 +45,13 @@ localrules:
     all,
 
 
+# The batch outputs are targets too: Snakemake does not remake a deleted intermediate file when
+# the files after it are up to date, but it does remake a missing target.
 rule all:
     default_target: True
     input:
+        all_batch_dirs,
+        all_status_files,
         PATHS.index,
         PATHS.summary,
         PATHS.config_toml,
