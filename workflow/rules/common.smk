@@ -12,6 +12,7 @@ from snakemake.exceptions import WorkflowError
 
 from cutana.config import config_hash, validate_config
 from cutana.exceptions import ConfigValidationError
+from cutana.preflight import OutputDirError, check_output_dir_for
 from cutana import memory_model
 
 #: The name of a batch: 5-digit index, underscore, 10 hex chars of the content hash (DESIGN.md).
@@ -104,6 +105,11 @@ def validated_config(raw_config):
             "catalogue (e.g. --config source_catalogue=sources.csv), or use the demo survey "
             "of config/config.yaml"
         )
+    # Fail before any job when output_dir cannot be written or its disk is full (SPEC §5).
+    try:
+        check_output_dir_for(full)
+    except OutputDirError as error:
+        raise WorkflowError(str(error)) from None
     return full
 
 
