@@ -645,10 +645,18 @@ def test_preview_matches_the_run_output(uninterrupted_run, demo_survey):
         assert row["status"] in ("ok", "partial")
         stored = zarr.open_group(_zarr_path(output_dir, row["zarr_file"]), mode="r")["images"]
         np.testing.assert_allclose(image, stored[row["idx_in_zarr"]], atol=1e-6)
-    default_n, _ = preview_cutouts(
-        pd.read_csv(demo_survey[1]), dict(config, ui={"preview_samples": 2})
-    )
+    config.ui.preview_samples = 2
+    default_n, _ = preview_cutouts(pd.read_csv(demo_survey[1]), config)
     assert len(default_n) == 2
+    # A DataFrame whose paths are relative to its catalogue's folder, used from elsewhere.
+    relative = pd.read_csv(demo_survey[1])
+    relative["fits_file_paths"] = [
+        json.dumps([Path(p).name for p in json.loads(paths)])
+        for paths in relative["fits_file_paths"]
+    ]
+    same, same_ids = preview_cutouts(relative, config, n=3, base_dir=demo_survey[0])
+    assert same_ids == source_ids
+    np.testing.assert_array_equal(same, images)
 
 
 def test_status_tables_are_read_from_metadata_only_once(fake_workflow, tmp_path):

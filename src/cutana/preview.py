@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ def preview_cutouts(
     catalogue: pd.DataFrame | str | os.PathLike,
     cfg: Mapping[str, Any],
     n: int | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Cut, resample, mix and normalise the first ``n`` usable sources of a catalogue.
 
@@ -40,6 +42,10 @@ def preview_cutouts(
         A (possibly partial) configuration; validated like the run's.
     n : int, optional
         Number of previews; default ``cfg["ui"]["preview_samples"]``.
+    base_dir : path, optional
+        Directory that relative ``fits_file_paths`` of a DataFrame are relative to (e.g. the
+        folder of the CSV it was read from); default the current directory. Paths in a
+        catalogue file are always relative to that file's folder.
 
     Returns
     -------
@@ -60,6 +66,13 @@ def preview_cutouts(
     from .engine import process_batch
 
     config = validate_config(cfg, warn_unknown=False)
+    if base_dir is not None and isinstance(catalogue, pd.DataFrame):
+        from .orchestrator import _parse_path_lists
+
+        catalogue = catalogue.copy()
+        catalogue["fits_file_paths"] = _parse_path_lists(
+            catalogue["fits_file_paths"], Path(base_dir).resolve()
+        )
     wanted = int(n if n is not None else config["ui"]["preview_samples"])
     n_channels = len(next(iter(config["channel_weights"].values())))
     size = int(config["target_resolution"])
