@@ -526,20 +526,21 @@ def normalise_batch(images: np.ndarray, valid: np.ndarray, cfg: Mapping) -> np.n
         scale = scale.astype(np.float32)[:, None, None, :]
         # float32 output is computed in place in ``out``; uint8 needs a float32 scratch array.
         t = chunk_out if data_type == "float32" else np.empty(chunk_images.shape, np.float32)
-        if all_valid:
+        with np.errstate(invalid="ignore"):  # inf * 0 under invalid pixels: replaced below
             np.subtract(chunk_images, offset, out=t)
-        else:
-            # Zero invalid pixels first so NaN/inf never reach the arithmetic or integer cast.
-            np.copyto(t, chunk_images)
-            t[~chunk_valid] = 0.0
-            t -= offset
-        t *= scale
-        np.clip(t, 0.0, 1.0, out=t)
+            t *= scale
+        # fmax/fmin clip like np.clip on valid (finite) values and also map the NaN/inf of
+        # invalid pixels into [0, 1]; masked assignments would cost 10x an arithmetic pass.
+        np.fmax(t, 0.0, out=t)
+        np.fmin(t, 1.0, out=t)
         _stretch_in_place(t, method, a)
         if data_type == "uint8":
             t *= 255.0
             np.rint(t, out=t)
-            chunk_out[...] = t
         if not all_valid:
-            chunk_out[~chunk_valid] = fill
+            t *= chunk_valid  # invalid -> 0 (t is finite here)
+            if fill != 0:
+                t += np.float32(fill) * ~chunk_valid
+        if data_type == "uint8":
+            chunk_out[...] = t
     return out
