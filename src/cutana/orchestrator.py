@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from .config import to_plain, validate_config
 from .paths import snakefile, workflow_root
+from .preflight import OutputDirError, check_output_dir_for
 from .progress_report import ProgressReport
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,10 @@ class Orchestrator:
             self._status = "running"
             self._result = None
         try:
+            try:  # before anything is written there (a DataFrame catalogue, the run config)
+                check_output_dir_for({**self.config, "output_dir": str(self.output_dir)})
+            except OutputDirError as error:
+                return self._failed_before_start(str(error))
             catalogue_path = self._prepare_catalogue(catalogue_data)
             if catalogue_path is None:
                 return self._failed_before_start(
