@@ -91,7 +91,9 @@ def slurm_cluster():
             "snakemake-executor-plugin-slurm is not installed: pip install -e '.[slurm]'",
             pytrace=False,
         )
-    was_running = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
+    # (ps -C matches the command name; zombies of forked daemons do not count as running)
+    ps = subprocess.run(["ps", "-C", "slurmctld", "-o", "stat="], capture_output=True, text=True)
+    was_running = any(not stat.startswith("Z") for stat in ps.stdout.split())
     up = subprocess.run(
         ["bash", str(CLUSTER_SCRIPT), "up"],
         stdout=subprocess.PIPE,
