@@ -125,5 +125,17 @@ def check_output_dir(output_dir: str | os.PathLike, min_free_mb: float | None = 
 
 def check_output_dir_for(cfg: Mapping) -> Path:
     """:func:`check_output_dir` of ``cfg["output_dir"]`` with room for one uncompressed batch
-    and at least :data:`MIN_FREE_MB`."""
+    and at least :data:`MIN_FREE_MB`, after checking that the paths Snakemake uses as rule
+    inputs/outputs hold no ``{`` or ``}`` (it would read them as wildcards)."""
+    paths = {
+        "output_dir": cfg.get("output_dir"),
+        "source_catalogue": cfg.get("source_catalogue"),
+        "demo.dir": (cfg.get("demo") or {}).get("dir"),
+    }
+    for key, value in paths.items():
+        if isinstance(value, str) and ("{" in value or "}" in value):
+            raise OutputDirError(
+                f"config key {key} = {value!r} contains '{{' or '}}', which Snakemake reads as "
+                "wildcards in file names. Fix: choose a path without braces."
+            )
     return check_output_dir(cfg["output_dir"], max(MIN_FREE_MB, batch_output_mb(cfg)))
