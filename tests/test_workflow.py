@@ -37,7 +37,7 @@ CONFIG = {
         "NIR_J": [0.0, 0.3, 0.5],
         "NIR_H": [0.0, 0.0, 0.5],
     },
-    "memory": {"profile_sources": 10},
+    "memory": {"profile_sources": 5},
     "gallery": {"n_samples": 9},
     "demo": {"dir": "demo", "n_sources": 40, "tile_size": 400, "max_diameter_pixel": 64},
 }
