@@ -536,7 +536,11 @@ def _read_outputs(output_dir: Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]
 @pytest.fixture(scope="module")
 def uninterrupted_run(demo_survey, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("full") / "out"
-    orchestrator = Orchestrator(_demo_config(demo_survey, output_dir))
+    # Snakemake keeps its state (.snakemake/) in the Orchestrator's working directory: use a
+    # temporary one, not the checkout the tests run from.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(output_dir.parent)
+        orchestrator = Orchestrator(_demo_config(demo_survey, output_dir))
     result = orchestrator.run()
     return orchestrator, result, output_dir
 
@@ -563,8 +567,9 @@ def test_real_run_completes_with_one_index_row_per_source(uninterrupted_run, dem
 
 @pytest.mark.slow
 def test_real_stop_mid_run_then_resume_equals_uninterrupted(
-    uninterrupted_run, demo_survey, tmp_path
+    uninterrupted_run, demo_survey, tmp_path, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)
     output_dir = tmp_path / "out"
     config = _demo_config(demo_survey, output_dir)
     config.max_workers = 1  # one batch at a time, so the stop lands between batches
@@ -606,7 +611,8 @@ def test_real_stop_mid_run_then_resume_equals_uninterrupted(
 
 
 @pytest.mark.slow
-def test_real_invalid_catalogue_fails_naming_row_and_column(demo_survey, tmp_path):
+def test_real_invalid_catalogue_fails_naming_row_and_column(demo_survey, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     frame = pd.read_csv(demo_survey[1]).head(12)
     frame.loc[3, "RA"] = 400.0
     bad = tmp_path / "bad.csv"
