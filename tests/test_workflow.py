@@ -21,6 +21,7 @@ import pytest
 import yaml
 import zarr
 
+from cutana import memory_model
 from cutana.paths import snakefile
 
 pytestmark = pytest.mark.slow
@@ -134,9 +135,12 @@ def test_zarr_run_indexes_every_catalogue_row(zarr_run):
 def test_declared_memory_covers_measured_peak(zarr_run):
     work_dir, _ = zarr_run
     work = work_dir / "out" / ".cutana"
+    model = memory_model.load_model(work / "memory_model.json")
     checked = 0
     for log in sorted((work / "logs" / "cutout_batch").glob("*.log")):
         declared = int(re.search(r"declared resources: mem_mb=(\d+)", log.read_text())[1])
+        # From the profiled model (so profiling ran before the job was created), not a fallback.
+        assert declared == memory_model.mem_mb_for_batch(log.stem, model)
         benchmark = pd.read_csv(
             work / "benchmarks" / "cutout_batch" / f"{log.stem}.tsv", sep="\t", na_values=["-"]
         )
@@ -145,7 +149,6 @@ def test_declared_memory_covers_measured_peak(zarr_run):
             assert declared >= peak, f"{log.stem}: declared {declared} MB < peak {peak} MB"
             checked += 1
     assert checked >= 1
-    model = json.loads((work / "memory_model.json").read_text())
     assert model["sample"]["peak_mb"] > 0 and model["mb_per_unit"] > 0
 
 

@@ -154,27 +154,27 @@ def run_config_hash():
 
 
 def manifest_batch_names():
-    """Names of all batches; raises IncompleteCheckpointException until the split is done."""
+    """Names of all batches.
+
+    Resolves both checkpoints (raising IncompleteCheckpointException until they are done): the
+    split gives the names, and waiting for the memory profile means the model exists before any
+    cutout job is created, so their ``mem_mb`` comes from it.
+    """
     batches_dir = checkpoints.split_catalogue.get().output.batches
+    checkpoints.profile_memory.get()
     with open(os.path.join(batches_dir, "manifest.json"), encoding="utf-8") as handle:
         manifest = json.load(handle)
     return [entry["name"] for entry in manifest["batches"]]
 
 
 def all_status_files(wildcards):
-    """Input function of merge_index: one status table per batch.
-
-    Resolving the profile_memory checkpoint here too means the memory model exists before any
-    cutout job is created, so their ``mem_mb`` can be computed from it.
-    """
-    names = manifest_batch_names()
-    checkpoints.profile_memory.get()
-    return expand(PATHS.status, batch=names)
+    """Input function of merge_index and all: one status table per batch."""
+    return expand(PATHS.status, batch=manifest_batch_names())
 
 
 def all_batch_dirs(wildcards):
-    """Input function of merge_index: every batch folder, so that a deleted folder is remade
-    (Snakemake only reruns a job for outputs that a downstream job asks for)."""
+    """Input function of merge_index and all: every batch folder (as a target of all, a deleted
+    folder is remade; Snakemake does not remake missing intermediate files on its own)."""
     return expand(PATHS.batch_dir, batch=manifest_batch_names())
 
 
