@@ -56,19 +56,73 @@ def mix_channels(
 
     n, n_bands, height, width = bands.shape
     n_channels = weights.shape[1]
-    images = np.zeros((n, height, width, n_channels), dtype=np.float32)
-    valid_out = np.ones((n, height, width, n_channels), dtype=bool)
-    # A few bands and channels: a multiply-add per (band, channel) pair with a nonzero weight is
-    # memory-bound and much faster than a tensordot, which would transpose the whole batch.
-    # Invalid data is zeroed once per band, so a zero weight never lets a NaN through.
-    for band in range(n_bands):
-        used_by = np.flatnonzero(weights[band])
-        if used_by.size == 0:
-            continue
-        band_valid = valid[:, band] & np.isfinite(bands[:, band])
-        clean = np.where(band_valid, bands[:, band], np.float32(0))
-        for channel in used_by:
-            images[..., channel] += np.float32(weights[band, channel]) * clean
-            valid_out[..., channel] &= band_valid
-    images[~valid_out] = 0.0
+    # Per band: the data with invalid pixels zeroed (a view when the band is fully valid, the
+    # common case) and its validity (None when fully valid).
+    clean: dict[int, np.ndarray] = {}
+    band_valid: dict[int, np.ndarray | None] = {}
+    for band in np.flatnonzero(np.any(weights != 0, axis=1)).tolist():
+        data = bands[:, band]
+        ok = valid[:, band]
+        finite = np.isfinite(data)
+        if not finite.all():
+            ok = ok & finite
+        if ok.all():
+            clean[band], band_valid[band] = data, None
+        else:
+            clean[band], band_valid[band] = np.where(ok, data, np.float32(0)), ok
+    # Channel planes (N, T, T) first: a multiply-add per (band, channel) pair with a nonzero
+    # weight on contiguous planes is memory-bound and much faster than a tensordot; a channel
+    # that is one band with weight 1 is that band's plane without a copy. A zero weight never
+    # lets a NaN (or an invalid pixel) through.
+    planes, plane_valid = [], []
+    for channel in range(n_channels):
+        used = np.flatnonzero(weights[:, channel]).tolist()
+        ok = None
+        for band in used:
+            if band_valid[band] is not None:
+                ok = band_valid[band].copy() if ok is None else ok & band_valid[band]
+        if len(used) == 1 and weights[used[0], channel] == 1:
+            plane = clean[used[0]]
+        else:
+            plane = np.zeros((n, height, width), dtype=np.float32)
+            for band in used:
+                weight = np.float32(weights[band, channel])
+                plane += clean[band] if weight == 1 else weight * clean[band]
+        if ok is not None:
+            plane = np.where(ok, plane, np.float32(0))
+        planes.append(plane)
+        plane_valid.append(ok)
+    images = _interleave(planes, np.float32, (n, height, width, n_channels))
+    if all(ok is None for ok in plane_valid):
+        valid_out = np.ones((n, height, width, n_channels), dtype=bool)
+    else:
+        masks = [
+            np.ones((n, height, width), dtype=bool) if ok is None else ok for ok in plane_valid
+        ]
+        valid_out = _interleave(masks, bool, (n, height, width, n_channels))
     return images, valid_out
+
+
+def _interleave(planes: list[np.ndarray], dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Stack C planes (N, H, W) into one (N, H, W, C) array (channel last).
+
+    OpenCV's ``merge`` interleaves one image's planes with SIMD, ~10x faster than NumPy's
+    strided copy of a transposed batch; booleans go through it as uint8.
+    """
+    import cv2
+
+    out = np.empty(shape, dtype=dtype)
+    if shape[-1] == 1:
+        out[..., 0] = planes[0]
+        return out
+    if shape[-1] > 4 or shape[1] == 0 or shape[2] == 0:
+        for channel, plane in enumerate(planes):
+            out[..., channel] = plane
+        return out
+    view = out.view(np.uint8) if dtype is bool else out
+    sources = [
+        np.ascontiguousarray(plane).view(np.uint8) if dtype is bool else plane for plane in planes
+    ]
+    for i in range(shape[0]):
+        cv2.merge([np.ascontiguousarray(plane[i]) for plane in sources], dst=view[i])
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -21,9 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
 from astropy.io import fits
-from zarr.codecs import BloscCodec
+from numcodecs import Blosc
 
 from .exceptions import CutanaError
 
@@ -182,6 +182,173 @@ def _write_parquet(metadata_df: pd.DataFrame, path: Path) -> None:
     pq.write_table(table, path)
 
 
+#: Blosc settings of the Zarr chunks. LZ4 level 5 with byte shuffle: measured on noisy float32
+#: cutouts it compresses nearly as well as zstd level 1 (ratio 1.66 vs 1.73) at ~4x the speed
+#: (~1 GB/s), so compression no longer dominates the time of a batch.
+ZARR_CNAME = "lz4"
+ZARR_CLEVEL = 5
+
+_EMPTY_CHUNK = np.uint64(2**64 - 1)
+
+
+class ZarrShardWriter:
+    """Write the images of a batch into ``images.zarr`` shard by shard, in bounded memory.
+
+    Images are appended in order (any number per call); every time a shard's worth of images
+    is buffered the shard is encoded and written as one file: the Blosc-compressed chunks (one
+    image each) followed by the Zarr v3 sharding index (offset, length per chunk, uint64
+    little-endian) and its CRC32C, exactly the layout of Zarr's ``sharding_indexed`` codec with
+    ``index_location="end"``. Encoding the chunks directly avoids Zarr's per-chunk asyncio
+    machinery (~1 ms per chunk). The metadata (``zarr.json`` of the group and the array, as
+    Zarr 3 writes them) is written when the writer is closed, with the final number of images;
+    Zarr itself is not imported (it costs ~0.4 s of start-up per job).
+
+    Parameters
+    ----------
+    directory : path-like
+        Folder in which ``images.zarr`` is created (the batch's temporary folder).
+    image_shape : tuple of int
+        (H, W, C) of one image.
+    dtype : numpy dtype
+    max_images : int
+        Upper bound of the number of images (sets the shard length, as :func:`shard_length`).
+    attributes : mapping, optional
+        JSON-serialisable attributes stored on the Zarr group.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        image_shape: Sequence[int],
+        dtype,
+        max_images: int,
+        attributes: Mapping | None = None,
+    ) -> None:
+        self._root = Path(directory) / "images.zarr"
+        self._image_shape = tuple(int(n) for n in image_shape)
+        self._dtype = np.dtype(dtype)
+        self._chunk = (1, *(max(n, 1) for n in self._image_shape))
+        self._shard = shard_length(self._chunk[1:], self._dtype, max_images)
+        self._attributes = dict(attributes) if attributes else None
+        self._buffer = np.empty((self._shard, *self._image_shape), dtype=self._dtype)
+        self._filled = 0
+        self._shards_written = 0
+        self._count = 0
+        self._codec = Blosc(
+            cname=ZARR_CNAME,
+            clevel=ZARR_CLEVEL,
+            shuffle=Blosc.SHUFFLE,
+            blocksize=0,
+            typesize=self._dtype.itemsize,
+        )
+        self._closed = False
+
+    @property
+    def count(self) -> int:
+        """Images appended so far."""
+        return self._count
+
+    def append(self, images: np.ndarray) -> None:
+        """Append images of shape (K, H, W, C) (K may be 0)."""
+        images = np.asarray(images)
+        if images.shape[1:] != self._image_shape:
+            raise CutanaError(
+                f"ZarrShardWriter: images of shape {images.shape[1:]} appended to a batch of "
+                f"{self._image_shape} images"
+            )
+        done = 0
+        while done < len(images):
+            take = min(len(images) - done, self._shard - self._filled)
+            self._buffer[self._filled : self._filled + take] = images[done : done + take]
+            self._filled += take
+            done += take
+            if self._filled == self._shard:
+                self._flush()
+        self._count += len(images)
+
+    def _flush(self) -> None:
+        if not self._filled:
+            return
+        import google_crc32c
+
+        parts = [self._codec.encode(self._buffer[k]) for k in range(self._filled)]
+        index = np.full((self._shard, 2), _EMPTY_CHUNK, dtype="<u8")
+        lengths = np.array([len(part) for part in parts], dtype=np.uint64)
+        index[: self._filled, 1] = lengths
+        index[: self._filled, 0] = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.uint64)
+        index_bytes = index.tobytes()
+        checksum = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+        path = self._root / "images" / "c" / str(self._shards_written)
+        path = path.joinpath(*["0"] * len(self._image_shape))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as handle:
+            for part in parts:
+                handle.write(part)
+            handle.write(index_bytes)
+            handle.write(checksum)
+        self._shards_written += 1
+        self._filled = 0
+
+    def close(self) -> int:
+        """Write the last (partial) shard and the Zarr metadata; return the number of images."""
+        if self._closed:
+            return self._count
+        self._flush()
+        self._buffer = np.empty((0, *self._image_shape), dtype=self._dtype)
+        self._root.mkdir(parents=True, exist_ok=True)
+        group = {"attributes": self._attributes or {}, "zarr_format": 3, "node_type": "group"}
+        _write_json(self._root / "zarr.json", group)
+        little = {"name": "bytes", "configuration": {"endian": "little"}}
+        # Zarr leaves out the byte order of single-byte data.
+        data_bytes = little if self._dtype.itemsize > 1 else {"name": "bytes"}
+        array = {
+            "shape": [self._count, *self._image_shape],
+            "data_type": self._dtype.name,
+            "chunk_grid": {
+                "name": "regular",
+                "configuration": {"chunk_shape": [self._shard, *self._chunk[1:]]},
+            },
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0.0 if self._dtype.kind == "f" else 0,
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": list(self._chunk),
+                        "codecs": [
+                            data_bytes,
+                            {
+                                "name": "blosc",
+                                "configuration": {
+                                    "typesize": self._dtype.itemsize,
+                                    "cname": ZARR_CNAME,
+                                    "clevel": ZARR_CLEVEL,
+                                    "shuffle": "shuffle",
+                                    "blocksize": 0,
+                                },
+                            },
+                        ],
+                        "index_codecs": [little, {"name": "crc32c"}],
+                        "index_location": "end",
+                    },
+                }
+            ],
+            "attributes": {},
+            "dimension_names": ["image", "y", "x", "channel"],
+            "zarr_format": 3,
+            "node_type": "array",
+            "storage_transformers": [],
+        }
+        (self._root / "images").mkdir(exist_ok=True)
+        _write_json(self._root / "images" / "zarr.json", array)
+        self._closed = True
+        return self._count
+
+
+def _write_json(path: Path, document: Mapping) -> None:
+    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+
 def write_zarr_batch(
     batch_dir: str | os.PathLike,
     images: np.ndarray,
@@ -209,33 +376,15 @@ def write_zarr_batch(
     Notes
     -----
     The array ``images`` has one chunk per image (readers fetch single images cheaply) inside
-    shards of many images (few files on disk), Blosc/zstd compressed with byte shuffle. The
-    whole array is written in one call, which lets Zarr encode the chunks of a shard together.
+    shards of many images (few files on disk), Blosc/LZ4 compressed with byte shuffle
+    (:class:`ZarrShardWriter`).
     """
     images = _check_batch(images, metadata_df, "write_zarr_batch")
-    n_images, height, width, channels = images.shape
-    # Zarr needs non-zero chunk sides even for an empty array.
-    chunk = (1, max(height, 1), max(width, 1), max(channels, 1))
-    shard = (shard_length(chunk[1:], images.dtype, n_images), *chunk[1:])
     batch_dir = Path(batch_dir)
     with atomic_directory(batch_dir) as tmp:
-        group = zarr.open_group(tmp / "images.zarr", mode="w", zarr_format=3)
-        if attributes:
-            group.attrs.update(dict(attributes))
-        array = group.create_array(
-            "images",
-            shape=images.shape,
-            chunks=chunk,
-            shards=shard,
-            dtype=images.dtype,
-            # zstd level 1: compresses noisy float cutouts as well as level 3 (ratio ~1.3) and
-            # uint8 ones better than lz4, at a third of level 3's time.
-            compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
-            fill_value=0,
-            dimension_names=("image", "y", "x", "channel"),
-        )
-        if n_images:
-            array[:] = images
+        writer = ZarrShardWriter(tmp, images.shape[1:], images.dtype, len(images), attributes)
+        writer.append(images)
+        writer.close()
         _write_parquet(metadata_df, tmp / "images_metadata.parquet")
     return batch_dir
 
