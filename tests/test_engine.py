@@ -271,6 +271,14 @@ def test_read_error_fails_only_that_files_sources(tmp_path, write_fits, make_wcs
         return original_read(self, *window)
 
     monkeypatch.setattr(ImageHandle, "read", flaky_read)
+    original_read_into = ImageHandle.read_into
+
+    def flaky_read_into(self, out, *window):  # the engine's fast path reads into the stamp
+        if self.path.name == "broken.fits":
+            raise FitsValidationError(f"FITS file {self.path}: cannot read window: disk error")
+        return original_read_into(self, out, *window)
+
+    monkeypatch.setattr(ImageHandle, "read_into", flaky_read_into)
     batch = pd.concat(
         [
             _batch(wcs, [(30.3, 30.3)], [good], diameter_pixel=16.0),

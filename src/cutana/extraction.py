@@ -241,13 +241,20 @@ def extract_stamps(
     # Read in image order (rows, then columns): neighbouring windows share compression tiles
     # and pages, which the image handle's caches (and the OS) then reuse.
     order = np.lexsort((windows.large_x0, windows.large_y0)) if n_stamps else []
+    read_into = getattr(handle, "read_into", None)
     for k in order:
         y0, y1, x0, x1, sy0, sx0 = bounds[k]
         if y1 <= y0 or x1 <= x0:
             continue
-        data = handle.read(y0, y1, x0, x1)
         target = (k, slice(sy0, sy0 + (y1 - y0)), slice(sx0, sx0 + (x1 - x0)))
-        finite = np.isfinite(data)
+        # Read straight into the stamp (no temporary window), then mark non-finite pixels.
+        destination = stamps[target]
+        if read_into is not None:
+            read_into(destination, y0, y1, x0, x1)
+        else:
+            destination[...] = handle.read(y0, y1, x0, x1)
+        finite = np.isfinite(destination)
         valid[target] = finite
-        stamps[target] = np.where(finite, data, np.float32(fill))
+        if not finite.all():
+            destination[~finite] = np.float32(fill)
     return stamps, valid

@@ -235,6 +235,31 @@ class ImageHandle:
             window[raw == self._blank] = np.nan
         return window
 
+    def read_into(self, out: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
+        """Like :meth:`read`, but write the window into ``out`` (shape ``(y1-y0, x1-x0)``).
+
+        Unscaled, uncompressed images are copied from the memory map straight into ``out``
+        (byte-swapped on the way), without the temporary array of :meth:`read`.
+        """
+        ny, nx = self.shape
+        plain = (
+            not self.compressed
+            and self._bscale == 1.0
+            and self._bzero == 0.0
+            and 0 <= y0 <= y1 <= ny
+            and 0 <= x0 <= x1 <= nx
+        )
+        if plain:
+            try:
+                raw = self._hdu.data[self._leading_index + (slice(y0, y1), slice(x0, x1))]
+            except Exception:  # noqa: BLE001 - read() reports the error with its message
+                plain = False
+            else:
+                if self._blank is None or not np.issubdtype(raw.dtype, np.integer):
+                    out[...] = raw
+                    return
+        out[...] = self.read(y0, y1, x0, x1)
+
     def close(self) -> None:
         """Close the file (and its memory map) and drop cached blocks."""
         self._blocks = None

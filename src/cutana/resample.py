@@ -154,10 +154,19 @@ def resample_stack(
     count, size = stamps.shape[0], stamps.shape[1]
     flag = resize_flag(size, target, interpolation)
 
-    valid = valid & np.isfinite(stamps)
-    clean = np.ascontiguousarray(np.where(valid, stamps, np.float32(0)))
+    finite = np.isfinite(stamps)
+    if not finite.all():
+        valid = valid & finite
+    del finite
+    # Stamps cut by the engine are finite wherever they are valid; fully valid stacks (the
+    # common case) need no masked copy at all.
+    all_valid = bool(valid.all())
+    if all_valid:
+        clean = np.ascontiguousarray(stamps)
+    else:
+        clean = np.ascontiguousarray(np.where(valid, stamps, np.float32(0)))
     if flag is None:
-        return clean, valid
+        return (clean.copy() if clean is stamps else clean), valid.copy()
     if flag == ENLARGE_FLAGS["nearest"]:
         index = nearest_source_index(size, target)
         return (
@@ -170,7 +179,8 @@ def resample_stack(
     out = _resize_stack(clean, target, flag)
     valid_out = np.ones((count, target, target), dtype=bool)
     weight = np.empty((target, target), dtype=np.float32)
-    for k in np.flatnonzero(~valid.all(axis=(1, 2))):
+    holed = [] if all_valid else np.flatnonzero(~valid.all(axis=(1, 2)))
+    for k in holed:
         # Per stamp, in place: fancy-indexed copies of the whole holed subset cost more than
         # the resampling itself.
         cv2.resize(valid[k].astype(np.float32), (target, target), dst=weight, interpolation=flag)
