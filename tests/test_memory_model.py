@@ -68,29 +68,31 @@ def test_source_workloads_follow_the_documented_formula():
     assert workloads.tolist() == [100 + 400 + output_units, 2 + output_units]
 
 
-def test_fit_passes_through_both_measurements_and_scales_with_attempt():
+def points(*pairs):
+    return {"points": [{"workload": w, "peak_mb": p} for w, p in pairs]}
+
+
+def test_fit_takes_the_slope_from_the_largest_runs_and_scales_with_attempt():
     cfg = make_config(memory={"safety_factor": 1.0, "min_mb": 100})
-    measurement = {
-        "warmup_workload": 1e5,
-        "warmup_peak_mb": 200.0,
-        "workload": 1.1e6,
-        "peak_mb": 300.0,
-    }
-    model = memory_model.fit_model(measurement, cfg)
-    assert model["mb_per_unit"] == pytest.approx(100.0 / 1e6)
-    assert model["base_mb"] == pytest.approx(190.0)
-    assert memory_model.mem_mb_for(1.1e6, model) == 300
-    assert memory_model.mem_mb_for(1.1e6, model, attempt=3) == 900
+    # The warm-up peak (first-use buffers) lies above the line through the two larger runs.
+    model = memory_model.fit_model(points((1e4, 230.0), (6e5, 250.0), (1.1e6, 300.0)), cfg)
+    assert model["mb_per_unit"] == pytest.approx(50.0 / 5e5)
+    # The intercept lifts the line to the warm-up point, so no measured peak is under-predicted.
+    assert model["base_mb"] == pytest.approx(230.0 - 1e-4 * 1e4)
+    for workload, peak in [(1e4, 230.0), (6e5, 250.0), (1.1e6, 300.0)]:
+        assert memory_model.mem_mb_for(workload, model) >= peak
+    assert memory_model.mem_mb_for(1.1e6, model, attempt=3) == 3 * memory_model.mem_mb_for(
+        1.1e6, model
+    )
     # The floor applies to tiny batches.
     assert memory_model.mem_mb_for(0, {**model, "base_mb": 1.0}) == 100
 
 
 def test_noisy_measurement_never_gives_a_slope_below_the_floor():
     cfg = make_config()
-    measurement = {"warmup_workload": 10, "warmup_peak_mb": 250, "workload": 1e6, "peak_mb": 240}
-    model = memory_model.fit_model(measurement, cfg)
+    model = memory_model.fit_model(points((10, 250.0), (5e5, 245.0), (1e6, 240.0)), cfg)
     assert model["mb_per_unit"] == memory_model.MIN_MB_PER_UNIT
-    assert model["base_mb"] >= 240 - memory_model.MIN_MB_PER_UNIT * 1e6
+    assert model["base_mb"] == pytest.approx(250.0 - memory_model.MIN_MB_PER_UNIT * 10)
 
 
 def test_unknown_batch_gets_the_fallback_memory():
@@ -168,11 +170,14 @@ def test_child_process_measurement_recovers_a_known_memory_cost(tmp_path):
     assert json.loads(model_path.read_text()) == model
     assert not (tmp_path / "scratch").exists()
     assert model["sample"]["n_sources"] == 20
+    assert [p["workload"] for p in model["sample"]["points"]] == [
+        2 * 40256.0, 10 * 40256.0, 20 * 40256.0,
+    ]  # fmt: skip
     expected_slope = 256 / 2**20
-    assert 0.8 * expected_slope < model["mb_per_unit"] < 1.25 * expected_slope
-    # The sample's own peak is predicted (safety factor 1, so only the fit's accuracy counts).
-    predicted = memory_model.mem_mb_for(model["sample"]["workload"], model)
-    assert predicted >= model["sample"]["peak_mb"]
+    assert 0.9 * expected_slope < model["mb_per_unit"] < 1.1 * expected_slope
+    # Every measured peak is predicted (safety factor 1, so only the fit counts).
+    for point in model["sample"]["points"]:
+        assert memory_model.mem_mb_for(point["workload"], model) >= point["peak_mb"]
     assert memory_model.mem_mb_for_batch("00000_0000000000", model) >= model["base_mb"]
 
 

@@ -157,13 +157,18 @@ def source_workloads(sizes: np.ndarray, cfg: Mapping) -> np.ndarray:
 
 
 def fit_model(measurement: Mapping, cfg: Mapping) -> dict:
-    """Fit base and slope of the memory model from a two-point measurement.
+    """Fit base and slope of the memory model to the measured peaks.
+
+    The slope comes from the two largest runs (the half and the whole sample): their difference
+    cancels what every run pays (imports, first-use buffers). The intercept is then the
+    smallest that keeps the line at or above every measured point, so the model never predicts
+    less than was measured.
 
     Parameters
     ----------
     measurement : mapping
-        Child process result: ``warmup_peak_mb`` after the warm-up batch of ``warmup_workload``
-        units, ``peak_mb`` after the sample of ``workload`` units.
+        :func:`measure_peak_rss` result: ``points``, a list of ``{"workload", "peak_mb"}`` in
+        increasing workload (warm-up, half sample, whole sample).
     cfg : mapping
         Validated configuration (``memory.safety_factor``, ``memory.min_mb``).
 
@@ -172,14 +177,13 @@ def fit_model(measurement: Mapping, cfg: Mapping) -> dict:
     dict
         ``base_mb``, ``mb_per_unit``, ``safety_factor``, ``min_mb``.
     """
-    extra_units = measurement["workload"] - measurement["warmup_workload"]
-    extra_mb = measurement["peak_mb"] - measurement["warmup_peak_mb"]
+    points = sorted(measurement["points"], key=lambda p: p["workload"])
+    smaller, largest = points[-2], points[-1]
+    extra_units = largest["workload"] - smaller["workload"]
+    extra_mb = largest["peak_mb"] - smaller["peak_mb"]
     slope = extra_mb / extra_units if extra_units > 0 else 0.0
     slope = max(slope, MIN_MB_PER_UNIT)
-    # The intercept is the warm-up peak minus what the warm-up's own sources cost, so that the
-    # line passes through the measured sample peak, never below the measured warm-up peak.
-    base = max(measurement["warmup_peak_mb"] - slope * measurement["warmup_workload"], 0.0)
-    base = max(base, measurement["peak_mb"] - slope * measurement["workload"])
+    base = max(max(p["peak_mb"] - slope * p["workload"] for p in points), 0.0)
     return {
         "base_mb": float(base),
         "mb_per_unit": float(slope),
@@ -287,9 +291,10 @@ def measure_peak_rss(
 ) -> dict:
     """Run the sample through ``runner`` in a fresh child process and measure its peak RSS.
 
-    The child first runs a warm-up batch of :data:`WARMUP_SOURCES` sources (what any job pays:
-    interpreter, imports, codec set-up) and records the peak, then the whole sample and records
-    the peak again. A separate process is needed because peak RSS never goes down within one.
+    The child runs three batches and records its peak RSS after each: a warm-up of
+    :data:`WARMUP_SOURCES` sources (what any job pays: interpreter, imports, codec set-up), the
+    first half of the sample, then the whole sample. A separate process is needed because peak
+    RSS never goes down within one; the runs grow so that each peak is that run's own.
 
     Parameters
     ----------
@@ -307,8 +312,8 @@ def measure_peak_rss(
     Returns
     -------
     dict
-        ``n_sources``, ``workload``, ``warmup_workload``, ``warmup_peak_mb``, ``peak_mb``,
-        ``elapsed_s``.
+        ``n_sources``, ``workload`` and ``peak_mb`` (of the whole sample), ``points`` (workload
+        and peak of each run) and ``elapsed_s``.
 
     Raises
     ------
@@ -340,11 +345,16 @@ def measure_peak_rss(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     workloads = sample["_workload"].to_numpy()
-    n_warm = min(WARMUP_SOURCES, len(sample))
+    run_workloads = [float(workloads[:n].sum()) for n in _run_sizes(len(sample))]
+    points = [
+        {"workload": workload, "peak_mb": peak}
+        for workload, peak in zip(run_workloads, result.pop("peaks_mb"), strict=True)
+    ]
     result.update(
         n_sources=len(sample),
-        workload=float(workloads.sum()),
-        warmup_workload=float(workloads[:n_warm].sum()),
+        workload=run_workloads[-1],
+        peak_mb=points[-1]["peak_mb"],
+        points=points,
     )
     return result
 
@@ -404,6 +414,11 @@ def load_model(path: str | Path) -> dict:
         return json.load(handle)
 
 
+def _run_sizes(n_sample: int) -> list[int]:
+    """Rows of the child's runs: warm-up, first half, whole sample (largest sources first)."""
+    return [min(WARMUP_SOURCES, n_sample), max((n_sample + 1) // 2, 1), n_sample]
+
+
 def _peak_rss_mb() -> float:
     # ru_maxrss is in kilobytes on Linux (bytes on macOS).
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -424,19 +439,19 @@ def _child_main(argv: list[str]) -> None:
     cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
     sample = pd.read_parquet(sample_path)
     scratch = Path(scratch)
-    warmup_path = scratch / "warmup.parquet"
-    sample.head(WARMUP_SOURCES).to_parquet(warmup_path, index=False)
+    peaks = []
     started = time.perf_counter()
-    run_batch(
-        str(warmup_path), str(scratch / "warmup_out"), str(scratch / "warmup_status.parquet"), cfg
-    )
-    warmup_peak = _peak_rss_mb()
-    run_batch(sample_path, str(scratch / "sample_out"), str(scratch / "sample_status.parquet"), cfg)
-    result = {
-        "warmup_peak_mb": warmup_peak,
-        "peak_mb": _peak_rss_mb(),
-        "elapsed_s": time.perf_counter() - started,
-    }
+    for run, n_rows in enumerate(_run_sizes(len(sample))):
+        rows_path = scratch / f"run{run}.parquet"
+        sample.head(n_rows).to_parquet(rows_path, index=False)
+        run_batch(
+            str(rows_path),
+            str(scratch / f"run{run}_out"),
+            str(scratch / f"run{run}_status.parquet"),
+            cfg,
+        )
+        peaks.append(_peak_rss_mb())
+    result = {"peaks_mb": peaks, "elapsed_s": time.perf_counter() - started}
     Path(result_path).write_text(json.dumps(result), encoding="utf-8")
 
 
