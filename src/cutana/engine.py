@@ -54,7 +54,7 @@ METADATA_COLUMNS = [
 INDEX_COLUMNS = ["row_index", "SourceID", "RA", "Dec", "status", "reason", "idx_in_zarr"]
 
 # Bytes of float32 band stacks (N, B, T, T) processed at once; bounds the working memory.
-_CHUNK_BYTES = 128 * 1024 * 1024
+_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -169,6 +169,17 @@ def _chunk_rows(n_rows: int, n_bands: int, target: int) -> int:
     return max(1, min(n_rows, _CHUNK_BYTES // per_source))
 
 
+def _groups_by_file_and_size(files: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """Positions of the rows sharing a (file, stamp size), each group in row order."""
+    if len(files) == 0:
+        return []
+    _, file_codes = np.unique(files.astype(str), return_inverse=True)
+    keys = file_codes.astype(np.int64) * (int(sizes.max()) + 1) + sizes.astype(np.int64)
+    order = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.diff(keys[order])) + 1
+    return np.split(order, starts)
+
+
 def _process_chunk(
     rows: np.ndarray,
     plans: list[_BandPlan],
@@ -188,9 +199,8 @@ def _process_chunk(
     for b, plan in enumerate(plans):
         windows = plan.windows.take(rows)
         files = plan.file_of_row[rows]
-        keys = pd.DataFrame({"file": files, "size": windows.size})
-        for (path, _size), group in keys.groupby(["file", "size"], sort=False).groups.items():
-            local = np.asarray(group)
+        for local in _groups_by_file_and_size(files, windows.size):
+            path = files[local[0]]
             handle = plan.handles.get(path)
             if handle is None:  # the file failed to open; its rows are already failed
                 continue
