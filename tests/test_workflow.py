@@ -40,7 +40,7 @@ CONFIG = {
     },
     "memory": {"profile_sources": 5},
     "gallery": {"n_samples": 9},
-    "demo": {"dir": "demo", "n_sources": 40, "tile_size": 400, "max_diameter_pixel": 64},
+    "demo": {"dir": "demo", "n_sources": 30, "tile_size": 400, "max_diameter_pixel": 64},
 }
 STATUSES = {"ok", "partial", "no_overlap", "failed"}
 
