@@ -24,12 +24,12 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 
 
-# Two validators: Snakemake's (schema types and defaults) and cutana's (the same schema plus the
-# cross-key rules; messages name the key, the bad value and the allowed range). The workflow and
-# the Python API thus accept exactly the same configurations.
+# Two validators of the one schema: cutana's first (it also checks the cross-key rules, and its
+# messages name the key, the bad value and the allowed range), then Snakemake's on the completed
+# config. The workflow and the Python API thus accept exactly the same configurations.
 coerce_cli_strings(config, load_config_schema())
-validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 config.update(validated_config(config))
+validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 
 PATHS = workflow_paths(config)
 

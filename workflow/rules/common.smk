@@ -10,10 +10,13 @@ from types import SimpleNamespace
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from cutana.config import config_hash, validate_config
+from cutana.config import config_hash, import_jsonschema, validate_config
 from cutana.exceptions import ConfigValidationError
 from cutana.preflight import OutputDirError, check_output_dir_for
 from cutana import memory_model
+
+# Before the Snakefile's validate(): jsonschema without its slow optional iri checker (~2 s).
+import_jsonschema()
 
 #: The name of a batch: 5-digit index, underscore, 10 hex chars of the content hash (DESIGN.md).
 BATCH_PATTERN = r"\d{5}_[0-9a-f]{10}"
@@ -174,7 +177,8 @@ def all_status_files(wildcards):
 
 def all_batch_dirs(wildcards):
     """Input function of merge_index and all: every batch folder (as a target of all, a deleted
-    folder is remade; Snakemake does not remake missing intermediate files on its own)."""
+    folder is remade; Snakemake does not remake missing intermediate files on its own).
+    """
     return expand(PATHS.batch_dir, batch=manifest_batch_names())
 
 
