@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import logging
+import sys
 import tomllib
 import warnings
 from collections.abc import Mapping
@@ -114,6 +115,30 @@ def _describe_error(error) -> str:
     return f"config key '{key}' = {error.instance!r} is invalid: {error.message}{hint}"
 
 
+def import_jsonschema():
+    """Import ``jsonschema`` without its optional ``rfc3987_syntax`` format checker.
+
+    When ``rfc3987_syntax`` is installed (it comes with Jupyter), jsonschema imports it to check
+    the ``iri`` formats, which builds a grammar parser: 1.5-3.5 s of start-up in every process
+    that validates a config (the Snakemake run, each job). The schemas here use no such format,
+    so the import is blocked while jsonschema loads (and allowed again afterwards).
+
+    Returns
+    -------
+    module
+        ``jsonschema``.
+    """
+    if "jsonschema" not in sys.modules and "rfc3987_syntax" not in sys.modules:
+        sys.modules["rfc3987_syntax"] = None  # makes "import rfc3987_syntax" an ImportError
+        try:
+            import jsonschema
+        finally:
+            del sys.modules["rfc3987_syntax"]
+    import jsonschema
+
+    return jsonschema
+
+
 def validate_config(config: Mapping | DotMap, warn_unknown: bool = True) -> dict:
     """Validate ``config`` against the schema, fill defaults and check cross-key rules.
 
@@ -135,7 +160,7 @@ def validate_config(config: Mapping | DotMap, warn_unknown: bool = True) -> dict
         Naming every bad key, its value and the allowed values or range.
     """
     # Imported here: jsonschema costs ~1 s of import time, which every cutout job would pay.
-    import jsonschema
+    jsonschema = import_jsonschema()
 
     merged = _merge(default_config_dict(), to_plain(config))
     schema = load_schema()
