@@ -11,7 +11,20 @@ float32, 20,000 sources with diameters 32-256 px), then measures, for every cell
 * with ``--with-upstream``: upstream Cutana 0.4.0 from PyPI in its own virtual environment
   (``--upstream-python``, default ``/opt/upstream-cutana/bin/python``; made if absent).
 
-Prints a Markdown table of cutouts/s, ratios and peak RSS. Usage::
+Prints a Markdown table of cutouts/s, ratios and peak RSS. Besides the end-to-end rate (wall
+time of the whole ``snakemake`` run, like upstream's ``Orchestrator.run()``) it reports the rate
+of the cutout stage alone (cutout job seconds from Snakemake's benchmark files, divided by the
+number of jobs that can run at once), since a short run is dominated by the fixed start-up cost.
+
+Then (unless ``--skip-extras``):
+
+* fixed overhead: wall time of a 10-source run end to end, with the time of every rule;
+* scaling: 1k -> 10k -> 100k sources (rows of the survey catalogue repeated with new IDs and
+  sub-pixel offsets): seconds per source should stay flat;
+* memory vs mosaic size: the same sources cut from a mosaic of side N and 2N; the peak RSS per
+  cutout job should not change (stamps are read through memory maps, never whole images).
+
+Every figure is printed with the machine's load average at the time. Usage::
 
     python benchmarks/bench_pipeline.py [--size 8000] [--sources 20000] [--with-upstream]
     python benchmarks/bench_pipeline.py --size 2000 --sources 2000   # a quick look
@@ -23,6 +36,8 @@ import argparse
 import csv
 import glob
 import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -123,19 +138,53 @@ def make_survey(workdir: Path, args) -> Path:
     return survey
 
 
-def cutana_cell(survey: Path, workdir: Path, res: int, bands: list[str], args) -> dict:
-    out = workdir / f"cutana_{res}px_{len(bands)}ch"
+def load() -> str:
+    """The 1-minute load average (2 cores on the reference machine)."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def benchmark_rows(results: Path) -> dict[str, list[dict]]:
+    """Snakemake benchmark rows per rule (``s``, ``max_rss``, ...) of a finished run."""
+    rules: dict[str, list[dict]] = {}
+    root = results / ".cutana" / "benchmarks"
+    for tsv in sorted(glob.glob(str(root / "**" / "*.tsv"), recursive=True)):
+        rel = Path(tsv).relative_to(root)
+        rule = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        with open(tsv) as handle:
+            for row in csv.DictReader(handle, delimiter="\t"):
+                parsed = {}
+                for key, value in row.items():
+                    try:
+                        parsed[key] = float(value)
+                    except (TypeError, ValueError):
+                        parsed[key] = value
+                rules.setdefault(rule, []).append(parsed)
+    return rules
+
+
+def cutana_cell(
+    survey: Path,
+    workdir: Path,
+    res: int,
+    bands: list[str],
+    args,
+    catalogue: Path | None = None,
+    name: str | None = None,
+    batch: int | None = None,
+    keep: bool = False,
+) -> dict:
+    out = workdir / (name or f"cutana_{res}px_{len(bands)}ch")
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
     n = len(bands)
     config = {
-        "source_catalogue": str(survey / f"catalogue_{n}band.csv"),
+        "source_catalogue": str(catalogue or survey / f"catalogue_{n}band.csv"),
         "output_dir": str(out / "results"),
         "target_resolution": res,
         "normalisation_method": "asinh",
         "data_type": "float32",
         "output_format": "zarr",
-        "N_batch_cutout_process": args.batch,
+        "N_batch_cutout_process": batch or args.batch,
         "channel_weights": {
             b: [1.0 if c == i else 0.0 for c in range(n)] for i, b in enumerate(bands)
         },
@@ -158,27 +207,32 @@ def cutana_cell(survey: Path, workdir: Path, res: int, bands: list[str], args) -
         "--quiet",
         "all",
     ]
+    load_before = load()
     elapsed, peak = run_measured(cmd, out, out / "snakemake.log")
     index = pd.read_parquet(out / "results" / "source_to_zarr_mapping.parquet")
     n_ok = int(index["status"].isin(["ok", "partial"]).sum())
-    job_rss = []
-    for tsv in glob.glob(
-        str(out / "results" / ".cutana" / "benchmarks" / "**" / "*.tsv"), recursive=True
-    ):
-        if "cutout" not in tsv:
-            continue
-        with open(tsv) as handle:
-            for row in csv.DictReader(handle, delimiter="\t"):
-                try:
-                    job_rss.append(float(row["max_rss"]))
-                except (KeyError, ValueError):
-                    pass
+    rules = benchmark_rows(out / "results")
+    cutout = rules.get("cutout_batch", [])
+    job_rss = [row["max_rss"] for row in cutout if isinstance(row.get("max_rss"), float)]
+    job_seconds = [row["s"] for row in cutout if isinstance(row.get("s"), float)]
+    parallel = max(1, min(args.cores, len(job_seconds)))
+    stage_s = sum(job_seconds) / parallel if job_seconds else float("nan")
+    rule_s = {
+        rule: sum(r["s"] for r in rows if isinstance(r.get("s"), float))
+        for rule, rows in rules.items()
+    }
+    if not keep:
+        shutil.rmtree(out / "results", ignore_errors=True)
     return {
         "elapsed": elapsed,
         "n": n_ok,
         "rate": n_ok / elapsed,
+        "stage_rate": n_ok / stage_s if stage_s > 0 else float("nan"),
+        "n_jobs": len(job_seconds),
+        "rule_s": rule_s,
         "peak_job_mb": max(job_rss) if job_rss else float("nan"),
         "peak_tree_mb": peak.peak_mb,
+        "load": f"{load_before}->{load()}",
     }
 
 
@@ -271,11 +325,113 @@ def upstream_cell(survey: Path, workdir: Path, res: int, bands: list[str], pytho
         str(res),
         *[UPSTREAM_NAMES[b] for b in bands],
     ]
+    load_before = load()
     elapsed, peak = run_measured(cmd, out, out / "upstream.log")
     n = 0
     for meta in glob.glob(str(out / "results" / "**" / "images_metadata.parquet"), recursive=True):
         n += len(pd.read_parquet(meta))
-    return {"elapsed": elapsed, "n": n, "rate": n / elapsed, "peak_tree_mb": peak.peak_mb}
+    shutil.rmtree(out / "results", ignore_errors=True)
+    return {
+        "elapsed": elapsed,
+        "n": n,
+        "rate": n / elapsed,
+        "peak_tree_mb": peak.peak_mb,
+        "load": f"{load_before}->{load()}",
+    }
+
+
+def scaled_catalogue(survey: Path, n_rows: int, bands: list[str]) -> Path:
+    """``n_rows`` sources: the survey's rows repeated with new IDs and sub-pixel offsets."""
+    path = survey / f"catalogue_{len(bands)}band_{n_rows}.csv"
+    if path.exists():
+        return path
+    base = pd.read_csv(survey / f"catalogue_{len(bands)}band.csv")
+    rng = np.random.default_rng(n_rows)
+    picks = np.arange(n_rows) % len(base)
+    df = base.iloc[picks].reset_index(drop=True)
+    df["SourceID"] = [f"S{i:08d}" for i in range(n_rows)]
+    repeat = picks != np.arange(n_rows)  # first copy unchanged, later copies offset
+    jitter = rng.uniform(-1.5e-5, 1.5e-5, size=(n_rows, 2)) * repeat[:, None]  # < 0.5 px
+    df["RA"] = (df["RA"] + jitter[:, 0]) % 360.0
+    df["Dec"] = df["Dec"] + jitter[:, 1]
+    df.to_csv(path, index=False)
+    return path
+
+
+def fixed_overhead(survey: Path, workdir: Path, args) -> dict:
+    """Wall time of a 10-source run (64 px, 1 channel) end to end, and of each rule."""
+    catalogue = survey / "catalogue_1band_10.csv"
+    pd.read_csv(survey / "catalogue_1band.csv").head(10).to_csv(catalogue, index=False)
+    runs = [
+        cutana_cell(survey, workdir, 64, BANDS_1, args, catalogue=catalogue, name="overhead")
+        for _ in range(args.repeat_overhead)
+    ]
+    return min(runs, key=lambda r: r["elapsed"])
+
+
+def scaling(survey: Path, workdir: Path, args) -> list[tuple[int, dict]]:
+    """Seconds per source at 1k, 10k, 100k sources (64 px x 1 channel)."""
+    rows = []
+    for n_rows in (int(v) for v in args.scaling.split(",")):
+        catalogue = scaled_catalogue(survey, n_rows, BANDS_1)
+        result = cutana_cell(
+            survey, workdir, 64, BANDS_1, args, catalogue=catalogue, name=f"scaling_{n_rows}"
+        )
+        rows.append((n_rows, result))
+        print(f"scaling {n_rows}: {result['elapsed']:.1f} s", file=sys.stderr)
+    return rows
+
+
+def memory_vs_mosaic(workdir: Path, args) -> list[tuple[int, dict]]:
+    """Peak RSS per cutout job for the same sources cut from mosaics of side N and 2N."""
+    from cutana.demo import make_demo_survey
+
+    rows = []
+    for side in (args.mosaic_side, 2 * args.mosaic_side):
+        survey = workdir / f"mosaic_survey_{side}"
+        if not (survey / "catalogue.csv").exists():
+            make_demo_survey(
+                survey, n_tiles=1, tile_size=side, n_sources=args.mosaic_sources, seed=11,
+                min_diameter_pixel=32, max_diameter_pixel=256,
+            )  # fmt: skip
+        df = pd.read_csv(survey / "catalogue.csv")
+        paths = df["fits_file_paths"].map(json.loads)
+        picks = [ALL_BANDS.index(b) for b in BANDS_3]
+        df["fits_file_paths"] = paths.map(lambda p, picks=picks: json.dumps([p[i] for i in picks]))
+        catalogue = survey / "catalogue_3band.csv"
+        df.to_csv(catalogue, index=False)
+        result = cutana_cell(
+            survey, workdir, 256, BANDS_3, args, catalogue=catalogue, name=f"mosaic_{side}"
+        )
+        rows.append((side, result))
+        print(f"mosaic {side}: peak job RSS {result['peak_job_mb']:.0f} MB", file=sys.stderr)
+        shutil.rmtree(survey, ignore_errors=True)
+    return rows
+
+
+def print_extras(overhead, scale_rows, mosaic_rows, args) -> None:
+    if overhead:
+        print(
+            f"\nFixed overhead: 10 sources (64 px x 1 ch) end to end in "
+            f"{overhead['elapsed']:.1f} s wall (best of {args.repeat_overhead}; load "
+            f"{overhead['load']}); rule times (s): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in overhead["rule_s"].items())
+        )
+    if scale_rows:
+        print(
+            "\n| sources (64 px x 1 ch) | wall (s) | ms per source | cutout stage/s | jobs | load |"
+        )
+        print("|---|---|---|---|---|---|")
+        for n_rows, r in scale_rows:
+            print(
+                f"| {n_rows} | {r['elapsed']:.1f} | {1000 * r['elapsed'] / n_rows:.3f} | "
+                f"{r['stage_rate']:.0f} | {r['n_jobs']} | {r['load']} |"
+            )
+    if mosaic_rows:
+        print("\n| mosaic side (256 px x 3 ch) | sources | peak RSS per job (MB) | load |")
+        print("|---|---|---|---|")
+        for side, r in mosaic_rows:
+            print(f"| {side} | {r['n']} | {r['peak_job_mb']:.0f} | {r['load']} |")
 
 
 def ensure_upstream(python: str) -> str:
@@ -298,6 +454,12 @@ def main(argv=None):
     parser.add_argument("--naive-limit", type=int, default=1500)
     parser.add_argument("--with-upstream", action="store_true")
     parser.add_argument("--upstream-python", default="/opt/upstream-cutana/bin/python")
+    parser.add_argument("--skip-extras", action="store_true", help="matrix only")
+    parser.add_argument("--skip-matrix", action="store_true", help="extras only")
+    parser.add_argument("--repeat-overhead", type=int, default=3)
+    parser.add_argument("--scaling", default="1000,10000,100000")
+    parser.add_argument("--mosaic-side", type=int, default=4000)
+    parser.add_argument("--mosaic-sources", type=int, default=2000)
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir).resolve()
@@ -305,47 +467,61 @@ def main(argv=None):
     survey = make_survey(workdir, args)
     upstream = ensure_upstream(args.upstream_python) if args.with_upstream else None
 
-    floors = {n: io_floor(survey, bands) for n, bands in ((1, BANDS_1), (3, BANDS_3))}
+    print(f"machine: {os.cpu_count()} cores, load {load()} at start", file=sys.stderr)
     rows = []
-    for cell in args.cells.split(","):
-        res, n = (int(v) for v in cell.split("x"))
-        bands = BANDS_1 if n == 1 else BANDS_3
-        ours = cutana_cell(survey, workdir, res, bands, args)
-        naive = naive_loop(survey, bands, res, args.naive_limit)
-        theirs = upstream_cell(survey, workdir, res, bands, upstream) if upstream else None
-        rows.append((res, n, ours, naive, theirs, floors[n]))
-        print(
-            f"{res}px x{n}: cutana {ours['rate']:.0f}/s, naive {naive['rate']:.0f}/s"
-            + (f", upstream {theirs['rate']:.0f}/s" if theirs else ""),
-            file=sys.stderr,
-        )
+    if not args.skip_matrix:
+        floors = {n: io_floor(survey, bands) for n, bands in ((1, BANDS_1), (3, BANDS_3))}
+        for cell in args.cells.split(","):
+            res, n = (int(v) for v in cell.split("x"))
+            bands = BANDS_1 if n == 1 else BANDS_3
+            ours = cutana_cell(survey, workdir, res, bands, args)
+            naive = naive_loop(survey, bands, res, args.naive_limit)
+            theirs = upstream_cell(survey, workdir, res, bands, upstream) if upstream else None
+            rows.append((res, n, ours, naive, theirs, floors[n]))
+            print(
+                f"{res}px x{n}: cutana {ours['rate']:.0f}/s (stage {ours['stage_rate']:.0f}/s, "
+                f"load {ours['load']}), naive {naive['rate']:.0f}/s"
+                + (f", upstream {theirs['rate']:.0f}/s (load {theirs['load']})" if theirs else ""),
+                file=sys.stderr,
+            )
+    overhead = scale_rows = mosaic_rows = None
+    if not args.skip_extras:
+        overhead = fixed_overhead(survey, workdir, args)
+        scale_rows = scaling(survey, workdir, args)
+        mosaic_rows = memory_vs_mosaic(workdir, args)
 
+    if rows:
+        print_matrix(rows, upstream, args)
+    print_extras(overhead, scale_rows, mosaic_rows, args)
+
+
+def print_matrix(rows, upstream, args) -> None:
     print(
         f"\nSurvey: {args.tiles} tiles x 4 bands x {args.size}^2 float32, {args.sources} "
         f"sources (32-256 px), asinh, float32, Zarr, batches of {args.batch}, "
         f"--cores {args.cores}\n"
     )
     header = (
-        "| cell | cutana cutouts/s | peak RSS per job (MB) | naive Cutout2D/s | vs naive "
-        "| I/O floor stamps/s | % of floor |"
+        "| cell | cutana cutouts/s (end to end) | cutout stage/s | peak RSS per job (MB) "
+        "| naive Cutout2D/s | vs naive | I/O floor stamps/s | % of floor | load |"
     )
-    sep = "|---|---|---|---|---|---|---|"
+    sep = "|---|---|---|---|---|---|---|---|---|"
     if upstream:
-        header += " upstream 0.4.0/s | upstream peak RSS (MB) | vs upstream |"
-        sep += "---|---|---|"
+        header += " upstream 0.4.0/s | upstream peak RSS (MB) | vs upstream | upstream load |"
+        sep += "---|---|---|---|"
     print(header)
     print(sep)
     for res, n, ours, naive, theirs, floor in rows:
         line = (
             f"| {res} px x {n} ch | {ours['rate']:.0f} ({ours['n']} in {ours['elapsed']:.1f}"
-            f" s) | {ours['peak_job_mb']:.0f} | {naive['rate']:.0f} | "
+            f" s) | {ours['stage_rate']:.0f} | {ours['peak_job_mb']:.0f} | {naive['rate']:.0f} | "
             f"{ours['rate'] / naive['rate']:.1f}x | {floor['rate']:.0f} | "
-            f"{100 * ours['rate'] / floor['rate']:.0f} % |"
+            f"{100 * ours['rate'] / floor['rate']:.0f} % | {ours['load']} |"
         )
         if theirs:
             line += (
                 f" {theirs['rate']:.0f} | {theirs['peak_tree_mb']:.0f} | "
-                f"{ours['rate'] / theirs['rate']:.1f}x |"
+                f"{ours['rate'] / theirs['rate']:.1f}x | {theirs['load']} |"
             )
         print(line)
 
