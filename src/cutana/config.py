@@ -115,25 +115,36 @@ def _describe_error(error) -> str:
     return f"config key '{key}' = {error.instance!r} is invalid: {error.message}{hint}"
 
 
+#: Optional ``format`` checkers jsonschema imports when installed (they come with Jupyter).
+_JSONSCHEMA_FORMAT_MODULES = (
+    "rfc3987_syntax", "rfc3987", "rfc3986_validator", "rfc3339_validator", "isoduration",
+    "uri_template", "webcolors", "fqdn", "jsonpointer",
+)  # fmt: skip
+
+
 def import_jsonschema():
-    """Import ``jsonschema`` without its optional ``rfc3987_syntax`` format checker.
+    """Import ``jsonschema`` without its optional ``format`` checkers.
 
     When ``rfc3987_syntax`` is installed (it comes with Jupyter), jsonschema imports it to check
     the ``iri`` formats, which builds a grammar parser: 1.5-3.5 s of start-up in every process
-    that validates a config (the Snakemake run, each job). The schemas here use no such format,
-    so the import is blocked while jsonschema loads (and allowed again afterwards).
+    that validates a config (the Snakemake run, each job); the other checkers cost ~0.1 s more.
+    The schemas here use no ``format``, so these imports are blocked while jsonschema loads (and
+    allowed again afterwards).
 
     Returns
     -------
     module
         ``jsonschema``.
     """
-    if "jsonschema" not in sys.modules and "rfc3987_syntax" not in sys.modules:
-        sys.modules["rfc3987_syntax"] = None  # makes "import rfc3987_syntax" an ImportError
+    if "jsonschema" not in sys.modules:
+        blocked = [name for name in _JSONSCHEMA_FORMAT_MODULES if name not in sys.modules]
+        for name in blocked:
+            sys.modules[name] = None  # makes "import name" an ImportError
         try:
             import jsonschema
         finally:
-            del sys.modules["rfc3987_syntax"]
+            for name in blocked:
+                del sys.modules[name]
     import jsonschema
 
     return jsonschema
