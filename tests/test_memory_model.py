@@ -73,7 +73,7 @@ def points(*pairs):
 
 
 def test_fit_takes_the_slope_from_the_largest_runs_and_scales_with_attempt():
-    cfg = make_config(memory={"safety_factor": 1.0, "min_mb": 100})
+    cfg = make_config(memory={"safety_factor": 1.0, "min_mb": 100, "job_overhead_mb": 0})
     # The warm-up peak (first-use buffers) lies above the line through the two larger runs.
     model = memory_model.fit_model(points((1e4, 230.0), (6e5, 250.0), (1.1e6, 300.0)), cfg)
     assert model["mb_per_unit"] == pytest.approx(50.0 / 5e5)
@@ -86,6 +86,16 @@ def test_fit_takes_the_slope_from_the_largest_runs_and_scales_with_attempt():
     )
     # The floor applies to tiny batches.
     assert memory_model.mem_mb_for(0, {**model, "base_mb": 1.0}) == 100
+
+
+def test_job_overhead_is_added_to_every_estimate():
+    points_ = points((1e4, 230.0), (6e5, 250.0), (1.1e6, 300.0))
+    without = memory_model.fit_model(points_, make_config(memory={"job_overhead_mb": 0}))
+    with_overhead = memory_model.fit_model(points_, make_config(memory={"job_overhead_mb": 150}))
+    for workload in (1e4, 1.1e6):
+        assert memory_model.mem_mb_for(workload, with_overhead) == pytest.approx(
+            memory_model.mem_mb_for(workload, without) + 150, abs=1
+        )
 
 
 def test_noisy_measurement_never_gives_a_slope_below_the_floor():

@@ -189,6 +189,7 @@ def fit_model(measurement: Mapping, cfg: Mapping) -> dict:
         "mb_per_unit": float(slope),
         "safety_factor": float(cfg["memory"]["safety_factor"]),
         "min_mb": int(cfg["memory"]["min_mb"]),
+        "job_overhead_mb": int(cfg["memory"]["job_overhead_mb"]),
     }
 
 
@@ -211,6 +212,9 @@ def mem_mb_for(workload: float, model: Mapping, attempt: int = 1) -> int:
         Megabytes, at least ``min_mb x attempt``.
     """
     estimate = model["safety_factor"] * (model["base_mb"] + model["mb_per_unit"] * workload)
+    # A cluster counts every process of the job, including the Snakemake process that runs the
+    # rule's script inside it, which the profiling child does not see.
+    estimate += model.get("job_overhead_mb", 0)
     return int(math.ceil(max(estimate, model["min_mb"]) * max(int(attempt), 1)))
 
 

@@ -12,6 +12,8 @@ checkpoint split_catalogue:
         f"{PATHS.benchmarks}/split_catalogue.tsv"
     conda:
         "../../envs/cutana.yaml"
+    resources:
+        mem_mb=2000,
     params:
         config_hash=run_config_hash(),
     script:

@@ -10,6 +10,8 @@ rule make_demo_survey:
         f"{PATHS.benchmarks}/make_demo_survey.tsv"
     conda:
         "../../envs/cutana.yaml"
+    resources:
+        mem_mb=1000,
     params:
         demo=config["demo"],
     script:

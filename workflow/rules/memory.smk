@@ -12,6 +12,8 @@ checkpoint profile_memory:
         f"{PATHS.benchmarks}/profile_memory.tsv"
     conda:
         "../../envs/cutana.yaml"
+    resources:
+        mem_mb=2000,
     params:
         config_hash=run_config_hash(),
         scratch=PATHS.profile_scratch,

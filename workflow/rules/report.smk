@@ -17,6 +17,8 @@ rule merge_index:
         f"{PATHS.benchmarks}/merge_index.tsv"
     conda:
         "../../envs/cutana.yaml"
+    resources:
+        mem_mb=2000,
     params:
         benchmarks_dir=PATHS.benchmarks,
         output_dir=lambda wildcards, output: os.path.dirname(output.index),
@@ -36,6 +38,8 @@ rule gallery:
         f"{PATHS.benchmarks}/gallery.tsv"
     conda:
         "../../envs/cutana.yaml"
+    resources:
+        mem_mb=1000,
     params:
         output_dir=lambda wildcards, input: os.path.dirname(input.index),
         n_samples=config["gallery"]["n_samples"],
