@@ -1,8 +1,9 @@
 """Snakemake adapter of rule gallery: PNG grid + HTML page of sample cutouts."""
 
 import pandas as pd
-from cutana.gallery import make_gallery
 from script_logging import logged_step
+
+from cutana.gallery import make_gallery
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 
