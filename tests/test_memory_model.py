@@ -169,6 +169,10 @@ def test_child_process_measurement_recovers_a_known_memory_cost(tmp_path):
     )
     write_batches(tmp_path / "batches", [[200] * 15, [200] * 15])
     model_path = tmp_path / "model.json"
+    # A parent much larger than the child's runs (as a long test session or a Snakemake script
+    # can be): Linux carries ru_maxrss over fork/exec, so a measurement based on it would see
+    # only the parent's size here and find no cost per source.
+    parent_ballast = np.ones(600 * 2**20 // 8)
     model = memory_model.build_memory_model(
         tmp_path / "batches",
         cfg,
@@ -177,6 +181,7 @@ def test_child_process_measurement_recovers_a_known_memory_cost(tmp_path):
         runner="fake_runner:run_batch",
         env=env,
     )
+    del parent_ballast
     assert json.loads(model_path.read_text()) == model
     assert not (tmp_path / "scratch").exists()
     assert model["sample"]["n_sources"] == 20

@@ -424,6 +424,20 @@ def _run_sizes(n_sample: int) -> list[int]:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB).
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``: the high-water mark of this process's
+    own address space. ``ru_maxrss`` is not used there because Linux carries it over ``fork``
+    and ``execve``: a child started by a large parent (a test runner, a Snakemake script) would
+    report the parent's size, hiding the costs being measured.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     # ru_maxrss is in kilobytes on Linux (bytes on macOS).
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
