@@ -372,7 +372,7 @@ def fixed_overhead(survey: Path, workdir: Path, args) -> dict:
 def scaling(survey: Path, workdir: Path, args) -> list[tuple[int, dict]]:
     """Seconds per source at 1k, 10k, 100k sources (64 px x 1 channel)."""
     rows = []
-    for n_rows in (int(v) for v in args.scaling.split(",")):
+    for n_rows in (int(v) for v in args.scaling.split(",") if v.strip()):
         catalogue = scaled_catalogue(survey, n_rows, BANDS_1)
         result = cutana_cell(
             survey, workdir, 64, BANDS_1, args, catalogue=catalogue, name=f"scaling_{n_rows}"
@@ -456,9 +456,9 @@ def main(argv=None):
     parser.add_argument("--upstream-python", default="/opt/upstream-cutana/bin/python")
     parser.add_argument("--skip-extras", action="store_true", help="matrix only")
     parser.add_argument("--skip-matrix", action="store_true", help="extras only")
-    parser.add_argument("--repeat-overhead", type=int, default=3)
-    parser.add_argument("--scaling", default="1000,10000,100000")
-    parser.add_argument("--mosaic-side", type=int, default=4000)
+    parser.add_argument("--repeat-overhead", type=int, default=3, help="0: skip")
+    parser.add_argument("--scaling", default="1000,10000,100000", help='"": skip')
+    parser.add_argument("--mosaic-side", type=int, default=4000, help="0: skip")
     parser.add_argument("--mosaic-sources", type=int, default=2000)
     args = parser.parse_args(argv)
 
@@ -486,9 +486,9 @@ def main(argv=None):
             )
     overhead = scale_rows = mosaic_rows = None
     if not args.skip_extras:
-        overhead = fixed_overhead(survey, workdir, args)
+        overhead = fixed_overhead(survey, workdir, args) if args.repeat_overhead > 0 else None
         scale_rows = scaling(survey, workdir, args)
-        mosaic_rows = memory_vs_mosaic(workdir, args)
+        mosaic_rows = memory_vs_mosaic(workdir, args) if args.mosaic_side > 0 else None
 
     if rows:
         print_matrix(rows, upstream, args)

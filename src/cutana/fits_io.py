@@ -15,6 +15,7 @@ letting it scale would materialise the whole image as floating point.
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 from collections import OrderedDict
@@ -259,6 +260,23 @@ class ImageHandle:
                     out[...] = raw
                     return
         out[...] = self.read(y0, y1, x0, x1)
+
+    def release_pages(self) -> None:
+        """Unmap the pages of a memory-mapped image that reads have touched so far.
+
+        Pages of a memory map stay in the process's resident set once read, so a batch whose
+        stamps are spread over a large mosaic would grow its RSS with the mosaic's area. The
+        pages stay in the OS page cache (a later read maps them again cheaply); only this
+        process's claim on them goes. A no-op for compressed images and where ``madvise`` is
+        unavailable.
+        """
+        mapping = getattr(getattr(self._hdul, "_file", None), "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):
+            pass
 
     def close(self) -> None:
         """Close the file (and its memory map) and drop cached blocks."""
