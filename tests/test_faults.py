@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,22 +21,9 @@ import pytest
 import yaml
 import zarr
 from astropy.io import fits
-
-from cutana.paths import snakefile
+from workflow_helpers import snakemake, snakemake_command, tiny_demo_config
 
 pytestmark = pytest.mark.slow
-
-
-def snakemake(work_dir: Path, *extra: str) -> str:
-    command = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile()),
-        "--directory", str(work_dir), "--configfile", str(work_dir / "config.yaml"),
-        "--cores", "2", *extra,
-    ]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output[-6000:]
-    return output
 
 
 @pytest.fixture(scope="module")
@@ -149,19 +135,7 @@ def kill_after(work_dir: Path, seconds: float) -> bool:
     """Start the run, SIGKILL its whole process group after ``seconds``; True if it was killed
     (False if it had already finished)."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(snakefile()),
-            "--directory",
-            str(work_dir),
-            "--configfile",
-            str(work_dir / "config.yaml"),
-            "--cores",
-            "2",
-        ],  # fmt: skip
+        snakemake_command(work_dir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -186,20 +160,13 @@ def run_outputs(out: Path) -> tuple[pd.DataFrame, dict, dict]:
 
 
 def test_seeded_random_kills_then_rerun_equal_an_uninterrupted_run(tmp_path):
-    from cutana.demo import demo_config, make_demo_survey
+    from cutana.demo import make_demo_survey
 
     make_demo_survey(
         tmp_path / "demo", n_tiles=1, tile_size=300, n_sources=24, seed=4,
         min_diameter_pixel=16, max_diameter_pixel=32,
     )  # fmt: skip
-    config = {
-        **demo_config(tmp_path / "demo"),
-        "output_dir": "out",
-        "target_resolution": 16,
-        "N_batch_cutout_process": 10,
-        "gallery": {"n_samples": 4},
-        "memory": {"profile_sources": 5},
-    }
+    config = tiny_demo_config(tmp_path / "demo")
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     for work_dir in (reference, crashed):
         work_dir.mkdir()

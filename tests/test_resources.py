@@ -5,34 +5,19 @@ what it declared. Real workflow, 2 cores, a limit that admits one cutout job at 
 
 import json
 import re
-import subprocess
-import sys
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from workflow_helpers import snakemake, tiny_demo_config
 
 from cutana import memory_model
-from cutana.paths import snakefile
 
 pytestmark = pytest.mark.slow
 
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", re.MULTILINE)
-
-
-def snakemake(work_dir: Path, *extra: str) -> str:
-    command = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile()),
-        "--directory", str(work_dir), "--configfile", str(work_dir / "config.yaml"),
-        "--cores", "2", *extra,
-    ]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output[-6000:]
-    return output
 
 
 def job_window(log_text: str) -> tuple[float, float]:
@@ -43,21 +28,14 @@ def job_window(log_text: str) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def limited_run(tmp_path_factory):
-    from cutana.demo import demo_config, make_demo_survey
+    from cutana.demo import make_demo_survey
 
     root = tmp_path_factory.mktemp("resources")
     make_demo_survey(
         root / "demo", n_tiles=1, tile_size=300, n_sources=40, seed=2,
         min_diameter_pixel=16, max_diameter_pixel=32,
     )  # fmt: skip
-    config = {
-        **demo_config(root / "demo"),
-        "output_dir": "out",
-        "target_resolution": 16,
-        "N_batch_cutout_process": 10,
-        "gallery": {"n_samples": 4},
-        "memory": {"profile_sources": 5},
-    }
+    config = tiny_demo_config(root / "demo")
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     snakemake(root, "--until", "profile_memory")
     work = root / "out" / ".cutana"
@@ -66,8 +44,11 @@ def limited_run(tmp_path_factory):
     declared = {
         b["name"]: memory_model.mem_mb_for_batch(b["name"], model, 1) for b in manifest["batches"]
     }
-    # Every job fits alone, no two fit together (each declares at least min(declared)).
-    limit = max(declared.values()) + min(declared.values()) - 1
+    # Every job fits alone, no two fit together: the limit lies below the two smallest jobs
+    # together and at or above the largest one.
+    smallest, second = sorted(declared.values())[:2]
+    limit = smallest + second - 1
+    assert limit >= max(declared.values()), declared
     snakemake(root, "--resources", f"mem_mb={limit}")
     return work, declared, limit
 
