@@ -177,3 +177,31 @@ def test_image_cache_opens_once_and_closes(fits_image, tmp_path):
         with pytest.raises(FitsValidationError):  # remembered, same error again
             cache.get(tmp_path / "missing.fits")
     assert first._hdul._file.closed
+
+
+def test_mapped_pages_counted_once_and_released_past_budget(tmp_path, write_fits, make_wcs):
+    """Re-reading mapped pages is free; distinct pages past the budget unmap them all."""
+    from cutana import fits_io
+
+    data = np.arange(600 * 2048, dtype=np.float32).reshape(600, 2048)  # 8 KiB rows
+    path = write_fits(tmp_path / "wide.fits", data, make_wcs(data.shape))
+    out = np.empty((100, 100), dtype=np.float32)
+    released = []
+    with open_image(path, "PRIMARY") as handle:
+        original = handle.release_pages
+        handle.release_pages = lambda: (released.append(handle._mapped_pages), original())
+        for _ in range(20):  # the same window again and again maps its pages once
+            handle.read_into(out, 0, 100, 0, 100)
+        assert 0 < handle._mapped_pages <= 200 and not released
+        np.testing.assert_array_equal(out, data[:100, :100])
+        # Windows down the whole image map ~3 pages per row (8-byte bound): past the budget.
+        budget = fits_io.MAPPED_PAGES_BUDGET
+        fits_io.MAPPED_PAGES_BUDGET = 500
+        try:
+            for y0 in range(0, 600, 100):
+                handle.read_into(out, y0, y0 + 100, 1000, 1100)
+                np.testing.assert_array_equal(out, data[y0 : y0 + 100, 1000:1100])
+        finally:
+            fits_io.MAPPED_PAGES_BUDGET = budget
+        assert released and all(pages >= 500 for pages in released)
+        assert handle._mapped_pages < 500

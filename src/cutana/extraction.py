@@ -15,9 +15,6 @@ import pandas as pd
 
 from .exceptions import CatalogueValidationError
 
-#: Memory-mapped pages (4 KiB) a stamp extraction may keep mapped before releasing them.
-_RELEASE_PAGES = 16384
-
 
 def stamp_sizes(
     cat: pd.DataFrame, pixel_scales: np.ndarray, padding_factor: float = 1.0
@@ -245,19 +242,10 @@ def extract_stamps(
     # and pages, which the image handle's caches (and the OS) then reuse.
     order = np.lexsort((windows.large_x0, windows.large_y0)) if n_stamps else []
     read_into = getattr(handle, "read_into", None)
-    # Memory-mapped pages read so far are unmapped every ~64 MB of them and at the end, so the
-    # resident memory of a batch does not grow with the area its stamps cover.
-    release = getattr(handle, "release_pages", None)
-    touched_pages = 0
     for k in order:
         y0, y1, x0, x1, sy0, sx0 = bounds[k]
         if y1 <= y0 or x1 <= x0:
             continue
-        if release is not None:
-            touched_pages += (y1 - y0) * ((x1 - x0) * 8 // 4096 + 2)  # up to 8-byte pixels
-            if touched_pages >= _RELEASE_PAGES:
-                release()
-                touched_pages = 0
         target = (k, slice(sy0, sy0 + (y1 - y0)), slice(sx0, sx0 + (x1 - x0)))
         # Read straight into the stamp (no temporary window), then mark non-finite pixels.
         destination = stamps[target]
@@ -269,6 +257,4 @@ def extract_stamps(
         valid[target] = finite
         if not finite.all():
             destination[~finite] = np.float32(fill)
-    if release is not None and touched_pages:
-        release()
     return stamps, valid

@@ -38,6 +38,8 @@ _FITS_BLOCK = 2880
 COMPRESSED_BLOCK_PIXELS = 1 << 20
 #: Bytes of decompressed blocks kept per compressed image (least recently used are dropped).
 COMPRESSED_CACHE_BYTES = 64 * 1024 * 1024
+#: Pages (4 KiB) of a memory-mapped image a handle may keep mapped before unmapping them (64 MB).
+MAPPED_PAGES_BUDGET = 16384
 
 
 class _BlockCache:
@@ -183,6 +185,8 @@ class ImageHandle:
     _bzero: float = field(repr=False, default=0.0)
     _blank: int | None = field(repr=False, default=None)
     _blocks: _BlockCache | None = field(repr=False, default=None)
+    _mapped_pages: int = field(repr=False, default=0)
+    _page_map: np.ndarray | None = field(repr=False, default=None)
 
     @property
     def compressed(self) -> bool:
@@ -250,6 +254,8 @@ class ImageHandle:
             and 0 <= y0 <= y1 <= ny
             and 0 <= x0 <= x1 <= nx
         )
+        if not self.compressed:
+            self._account_pages(y0, y1, x0, x1)
         if plain:
             try:
                 raw = self._hdu.data[self._leading_index + (slice(y0, y1), slice(x0, x1))]
@@ -261,6 +267,24 @@ class ImageHandle:
                     return
         out[...] = self.read(y0, y1, x0, x1)
 
+    def _account_pages(self, y0: int, y1: int, x0: int, x1: int) -> None:
+        """Count the distinct pages the reads map; past :data:`MAPPED_PAGES_BUDGET`, unmap them.
+
+        Neighbouring stamps share pages, so counting each page once (a bitmap of image rows x
+        4 KiB column blocks) lets a batch fault each page about once, while its resident
+        memory stays bounded by the budget, not by the area of the mosaic its stamps cover.
+        """
+        itemsize = 8  # an upper bound of the pixel size (BITPIX up to 64)
+        if self._page_map is None:
+            self._page_map = np.zeros(
+                (self.shape[0], self.shape[1] * itemsize // 4096 + 2), dtype=bool
+            )
+        block = self._page_map[y0:y1, x0 * itemsize // 4096 : x1 * itemsize // 4096 + 1]
+        self._mapped_pages += block.size - int(np.count_nonzero(block))
+        block[...] = True
+        if self._mapped_pages >= MAPPED_PAGES_BUDGET:
+            self.release_pages()
+
     def release_pages(self) -> None:
         """Unmap the pages of a memory-mapped image that reads have touched so far.
 
@@ -271,6 +295,9 @@ class ImageHandle:
         unavailable.
         """
         mapping = getattr(getattr(self._hdul, "_file", None), "_mmap", None)
+        self._mapped_pages = 0
+        if self._page_map is not None:
+            self._page_map[...] = False
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         try:
