@@ -1,13 +1,20 @@
 """Snakemake adapter of rule gallery: PNG grid + HTML page of sample cutouts."""
 
-import pandas as pd
+import json
+import os
+
 from script_logging import logged_step
 
 from cutana.gallery import make_gallery
+from cutana.index import merge_status_tables
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 
 with logged_step(smk.log[0], smk.config["log_level"], "gallery") as log:
-    index_df = pd.read_parquet(smk.input.index)
-    make_gallery(smk.params.output_dir, index_df, dict(smk.config), smk.params.n_samples)
+    with open(os.path.join(smk.input.batches, "manifest.json"), encoding="utf-8") as handle:
+        total_rows = int(json.load(handle)["total_rows"])
+    config = dict(smk.config)
+    # The same rows merge_index writes, merged here so both rules run at once.
+    index_df = merge_status_tables(list(smk.input.status), total_rows, config)
+    make_gallery(smk.params.output_dir, index_df, config, smk.params.n_samples)
     log.info("gallery of up to %d sources written", smk.params.n_samples)

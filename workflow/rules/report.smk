@@ -26,9 +26,13 @@ rule merge_index:
         "../../scripts/merge_index.py"
 
 
+# The gallery reads the batches' status tables itself (not the merged index), so it runs
+# alongside merge_index instead of after it.
 rule gallery:
     input:
-        index=PATHS.index,
+        status=all_status_files,
+        batch_dirs=all_batch_dirs,
+        batches=rules.split_catalogue.output.batches,
     output:
         png=PATHS.gallery_png,
         html=PATHS.gallery_html,
@@ -41,7 +45,7 @@ rule gallery:
     resources:
         mem_mb=1000,
     params:
-        output_dir=lambda wildcards, input: os.path.dirname(input.index),
+        output_dir=lambda wildcards, output: os.path.dirname(output.png),
         n_samples=config["gallery"]["n_samples"],
     script:
         "../../scripts/gallery.py"
