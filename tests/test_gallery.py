@@ -9,9 +9,16 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.image import imread
 
-from cutana.gallery import display_image, make_gallery, select_samples
+from cutana.gallery import (
+    GRID_CAPTION_HEIGHT,
+    GRID_GAP,
+    GRID_TILE_SIDE,
+    _ascii,
+    display_image,
+    make_gallery,
+    select_samples,
+)
 from cutana.writers import write_fits_batch, write_zarr_batch
 
 CFG = {
@@ -58,6 +65,23 @@ def _zarr_run(tmp_path, statuses, channels=3):
     return index, images
 
 
+def _read_png(path) -> np.ndarray:
+    """The gallery PNG as (H, W, 3) uint8 in RGB order."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None and image.dtype == np.uint8 and image.shape[2] == 3
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _tile(picture: np.ndarray, k: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image area, caption strip) of tile ``k`` of the PNG grid."""
+    top = GRID_GAP + (k // columns) * (GRID_TILE_SIDE + GRID_CAPTION_HEIGHT + GRID_GAP)
+    left = GRID_GAP + (k % columns) * (GRID_TILE_SIDE + GRID_GAP)
+    bottom = top + GRID_TILE_SIDE
+    area = picture[top:bottom, left : left + GRID_TILE_SIDE]
+    caption = picture[bottom : bottom + GRID_CAPTION_HEIGHT, left : left + GRID_TILE_SIDE]
+    return area, caption
+
+
 def _thumbnails(html_text: str) -> list[np.ndarray]:
     """Decode the base64 PNG thumbnails of the page (RGB order)."""
     out = []
@@ -85,8 +109,8 @@ def test_gallery_from_zarr_outputs(tmp_path):
     index, _ = _zarr_run(tmp_path, statuses)
     png, html_path = make_gallery(tmp_path, index, CFG)
     assert png == tmp_path / "gallery.png" and html_path == tmp_path / "gallery.html"
-    picture = imread(png)
-    assert picture.ndim == 3 and picture.shape[0] > 100 and picture.shape[1] > 100
+    picture = _read_png(png)
+    assert picture.shape[0] > 100 and picture.shape[1] > 100
     text = html_path.read_text(encoding="utf-8")
     # Four samples (cfg gallery.n_samples), IDs escaped, failed rows not shown.
     assert text.count("<figure>") == 4
@@ -135,7 +159,9 @@ def test_gallery_with_no_ok_sources(tmp_path):
          "idx_in_zarr": [-1, -1]}
     )  # fmt: skip
     png, html_path = make_gallery(tmp_path, index, CFG)
-    assert imread(png).size > 0
+    picture = _read_png(png)
+    assert picture.size > 0
+    assert picture.min() < 128 < picture.max()  # the message is drawn on the background
     text = html_path.read_text(encoding="utf-8")
     assert "No cutouts with status ok or partial" in text
     assert "<img" not in text
@@ -157,6 +183,8 @@ def test_gallery_is_reproducible(tmp_path):
     first = (png.read_bytes(), html_path.read_bytes())
     make_gallery(tmp_path, index, CFG)
     assert (png.read_bytes(), html_path.read_bytes()) == first
+    # No time stamp or software chunk that could differ between runs or versions.
+    assert b"tIME" not in first[0] and b"tEXt" not in first[0]
 
 
 @pytest.mark.parametrize(
@@ -182,3 +210,91 @@ def test_thumbnails_show_north_up(tmp_path):
     _, html_path = make_gallery(tmp_path, index, CFG)
     (thumb,) = _thumbnails(html_path.read_text(encoding="utf-8"))
     assert (thumb[:5] == 255).all() and (thumb[5:] == 0).all()
+
+
+@pytest.mark.parametrize(("n", "rows", "columns"), [(1, 1, 1), (2, 1, 2), (5, 2, 3), (10, 3, 4)])
+def test_png_grid_size(tmp_path, n, rows, columns):
+    """ceil(sqrt(n)) columns of fixed-size tiles with a caption strip under each."""
+    index, _ = _zarr_run(tmp_path, ["ok"] * n)
+    png, _ = make_gallery(tmp_path, index, CFG, n_samples=n)
+    picture = _read_png(png)
+    assert 160 <= GRID_TILE_SIDE <= 200
+    height = rows * (GRID_TILE_SIDE + GRID_CAPTION_HEIGHT) + (rows + 1) * GRID_GAP
+    width = columns * GRID_TILE_SIDE + (columns + 1) * GRID_GAP
+    assert picture.shape == (height, width, 3)
+
+
+def test_png_tiles_show_cutouts_north_up_in_rgb(tmp_path):
+    """A grey cutout with a bright row 0 shows it at the tile bottom; red stays red (not BGR)."""
+    grey = np.zeros((1, 24, 24, 1), np.float32)
+    grey[0, :3, :, 0] = 5.0  # rows 0-2 (the south edge) are bright
+    red = np.zeros((1, 12, 12, 3), np.float32)
+    red[0, :, :, 0] = 1.0
+    write_zarr_batch(tmp_path / "grey", grey, pd.DataFrame({"source_id": ["g"]}))
+    write_zarr_batch(tmp_path / "red", red, pd.DataFrame({"source_id": ["r"]}))
+    index = pd.DataFrame(
+        {
+            "SourceID": ["g", "r"],
+            "status": ["ok", "ok"],
+            "zarr_file": ["grey/images.zarr", "red/images.zarr"],
+            "idx_in_zarr": [0, 0],
+        }
+    )
+    png, _ = make_gallery(tmp_path, index, CFG, n_samples=2)
+    picture = _read_png(png)
+    (grey_tile, _), (red_tile, _) = _tile(picture, 0, 2), _tile(picture, 1, 2)
+    scale = GRID_TILE_SIDE // 24  # enlarged nearest-neighbour: whole pixels, no blur
+    assert (grey_tile[-3 * scale :] == 255).all()
+    assert (grey_tile[: -3 * scale] == 0).all()
+    assert (red_tile[:, :, 0] == 255).all() and (red_tile[:, :, 1:] == 0).all()
+
+
+def test_png_large_cutouts_are_shrunk_to_the_tile(tmp_path):
+    big = np.zeros((1, 400, 400, 1), np.float32)
+    big[0, :200] = 1.0  # south half bright
+    write_zarr_batch(tmp_path / "big", big, pd.DataFrame({"source_id": ["big"]}))
+    index = pd.DataFrame(
+        {
+            "SourceID": ["big"],
+            "status": ["ok"],
+            "zarr_file": ["big/images.zarr"],
+            "idx_in_zarr": [0],
+        }
+    )
+    png, _ = make_gallery(tmp_path, index, CFG, n_samples=1)
+    tile, _ = _tile(_read_png(png), 0, 1)
+    half = GRID_TILE_SIDE // 2
+    assert (tile[half + 1 :] == 255).all() and (tile[: half - 1] == 0).all()
+
+
+def test_png_captions_partial_placeholder_and_non_ascii_ids(tmp_path):
+    """Non-ASCII/long IDs draw (as '?'), partial changes the caption, unreadable: placeholder."""
+    images = np.zeros((3, 16, 16, 1), np.float32)
+    images[:, 4:12, 4:12] = 1.0
+    write_zarr_batch(tmp_path / "b", images, pd.DataFrame({"source_id": ["a", "b", "c"]}))
+    source_id = "Ünïcødé ★ " + "x" * 60
+    index = pd.DataFrame(
+        {
+            "SourceID": [source_id, source_id, source_id],
+            "status": ["ok", "partial", "ok"],
+            "zarr_file": ["b/images.zarr", "b/images.zarr", "gone/images.zarr"],
+            "idx_in_zarr": [0, 1, 2],
+        }
+    )
+    png, html_path = make_gallery(tmp_path, index, CFG, n_samples=3)
+    picture = _read_png(png)
+    (ok_area, ok_caption), (partial_area, partial_caption), (gone_area, gone_caption) = (
+        _tile(picture, k, 2) for k in range(3)
+    )
+    assert (ok_caption < 128).any()  # something is written under the tile
+    assert np.array_equal(ok_area, partial_area)  # same pixels ...
+    assert not np.array_equal(ok_caption, partial_caption)  # ... but a different caption
+    assert np.array_equal(ok_caption, gone_caption)  # same ID and status, same caption
+    # The unreadable cutout is a uniform placeholder with a light label, not the image.
+    assert not np.array_equal(gone_area, ok_area)
+    assert (gone_area[0] == gone_area[0, 0]).all() and (gone_area > gone_area[0, 0]).any()
+    assert "Ünïcødé" in html_path.read_text(encoding="utf-8")  # the HTML keeps the real ID
+
+
+def test_captions_are_plain_ascii_for_the_hershey_font():
+    assert _ascii("Ünï cø…\t~") == "?n? c?...?~"

@@ -1,8 +1,9 @@
 """Preview gallery of a run: a PNG grid and a small HTML page of sample cutouts (SPEC §3.4).
 
 Samples are chosen deterministically (evenly spaced over the sources with status ``ok`` or
-``partial``), read back from the run's outputs (Zarr or FITS) and drawn with matplotlib's Agg
-backend (no display needed).
+``partial``), read back from the run's outputs (Zarr or FITS) and composed into a grid with
+numpy + OpenCV (no plotting library, no display needed). ``zarr`` and ``astropy.io.fits`` are
+imported on first use only, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -14,21 +15,29 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import pandas as pd
-import zarr
-from astropy.io import fits
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .exceptions import CutanaError
+
+if TYPE_CHECKING:  # only annotations need pandas at import time; callers pass DataFrames
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
 #: Largest side of an HTML thumbnail in pixels (bigger cutouts are shrunk by area averaging).
 THUMBNAIL_SIDE = 192
+
+#: Side of a cutout tile in the PNG grid (pixels): enlarged nearest-neighbour, shrunk by area.
+GRID_TILE_SIDE = 192
+
+#: Height of the caption strip under each tile of the PNG grid (pixels).
+GRID_CAPTION_HEIGHT = 18
+
+#: Gap between tiles and around the PNG grid (pixels).
+GRID_GAP = 8
 
 #: Statuses whose cutouts exist on disk.
 SHOWN_STATUSES = ("ok", "partial")
@@ -67,6 +76,8 @@ def select_samples(index_df: pd.DataFrame, n_samples: int) -> pd.DataFrame:
 
 def _zarr_array(path: Path):
     """The ``images`` array of a batch given its ``images.zarr``, batch folder or the array."""
+    import zarr  # lazy: ~0.15-0.4 s, and only needed to read Zarr outputs
+
     if path.is_dir() and (path / "images.zarr").is_dir():
         path = path / "images.zarr"
     node = zarr.open(str(path), mode="r")
@@ -75,6 +86,8 @@ def _zarr_array(path: Path):
 
 def _read_fits_image(path: Path) -> np.ndarray:
     """(H, W, C) from the image extensions of a cutout FITS file."""
+    from astropy.io import fits  # lazy: only needed to read FITS outputs
+
     with fits.open(path) as hdul:
         planes = [hdu.data for hdu in hdul if hdu.is_image and hdu.data is not None]
         if not planes:
@@ -163,37 +176,111 @@ def _short(text: str, limit: int = 28) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+#: Colours of the PNG grid (RGB): page background, caption text, empty tile area, placeholder.
+_PAGE, _INK, _TILE_BACKGROUND, _PLACEHOLDER = (255, 255, 255), (0, 0, 0), (0, 0, 0), (96, 96, 96)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_FONT_SCALE, _MIN_FONT_SCALE = 0.4, 0.3
+
+
+def _ascii(text: str) -> str:
+    """``text`` for a Hershey font: printable ASCII only, anything else becomes ``?``."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text.replace("…", "..."))
+
+
+def _fit_text(text: str, width: int, suffix: str = "") -> tuple[str, float]:
+    """``text + suffix`` and a font scale at which it fits ``width`` pixels.
+
+    The font shrinks down to a legible minimum, then ``text`` (never ``suffix``) is truncated.
+    """
+    scale = _FONT_SCALE
+    # Hershey glyph advances are rounded, so the width is not proportional to the scale: step.
+    while scale > _MIN_FONT_SCALE and cv2.getTextSize(text + suffix, _FONT, scale, 1)[0][0] > width:
+        scale = round(scale - 0.025, 3)
+    while len(text) > 1 and cv2.getTextSize(text + suffix, _FONT, scale, 1)[0][0] > width:
+        text = text[:-4] + "..." if len(text) > 4 else text[:-1]
+    return text + suffix, scale
+
+
+def _put_centred(
+    canvas: np.ndarray, text: str, box: tuple[int, int, int, int], colour, suffix: str = ""
+) -> None:
+    """Draw ASCII ``text + suffix`` centred in ``box`` = (top, left, height, width)."""
+    top, left, height, width = box
+    text, scale = _fit_text(text, width - 4, suffix)
+    (text_width, text_height), _ = cv2.getTextSize(text, _FONT, scale, 1)
+    origin = (left + (width - text_width) // 2, top + (height + text_height) // 2)
+    cv2.putText(canvas, text, origin, _FONT, scale, colour, 1, cv2.LINE_AA)
+
+
+def _tile_pixels(image: np.ndarray, side: int = GRID_TILE_SIDE) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of a cutout scaled so its longer side is ``side``, north up."""
+    shown = display_image(image)
+    height, width = shown.shape[:2]
+    if height == 0 or width == 0:
+        raise CutanaError(f"gallery: empty cutout of shape {np.shape(image)}")
+    factor = side / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    if size != (width, height):
+        # Enlarge by repeating pixels (what the data are); shrink by area averaging.
+        method = cv2.INTER_NEAREST if factor >= 1 else cv2.INTER_AREA
+        shown = cv2.resize(np.ascontiguousarray(shown), size, interpolation=method)
+    pixels = np.round(np.clip(shown, 0, 1) * 255).astype(np.uint8)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    # Row 0 of a cutout is its bottom (origin="lower"): flip so north is up.
+    return pixels[::-1]
+
+
+def _grid_shape(n_images: int) -> tuple[int, int]:
+    """(rows, columns) of the PNG grid: ``ceil(sqrt(n))`` columns."""
+    columns = math.ceil(math.sqrt(n_images))
+    return math.ceil(n_images / columns), columns
+
+
+def _compose_grid(samples: pd.DataFrame, images: list) -> np.ndarray:
+    """The PNG grid as an (H, W, 3) uint8 RGB array."""
+    if not images:
+        canvas = np.full((80, 360, 3), _PAGE, np.uint8)
+        _put_centred(canvas, "No cutouts with status ok or partial", (0, 0, 80, 360), _INK)
+        return canvas
+    rows, columns = _grid_shape(len(images))
+    tile, caption, gap = GRID_TILE_SIDE, GRID_CAPTION_HEIGHT, GRID_GAP
+    canvas = np.full(
+        (rows * (tile + caption) + (rows + 1) * gap, columns * tile + (columns + 1) * gap, 3),
+        _PAGE,
+        np.uint8,
+    )
+    for k, ((_, row), image) in enumerate(zip(samples.iterrows(), images, strict=True)):
+        top = gap + (k // columns) * (tile + caption + gap)
+        left = gap + (k % columns) * (tile + gap)
+        pixels = None
+        if image is not None:
+            try:
+                pixels = _tile_pixels(image, tile)
+            except Exception as error:  # a preview must not fail the run: show a placeholder
+                logger.warning("gallery: cannot draw %s: %s", row.get("SourceID"), error)
+        if pixels is None:
+            canvas[top : top + tile, left : left + tile] = _PLACEHOLDER
+            _put_centred(canvas, "unavailable", (top, left, tile, tile), _PAGE)
+        else:
+            canvas[top : top + tile, left : left + tile] = _TILE_BACKGROUND
+            height, width = pixels.shape[:2]
+            y, x = top + (tile - height) // 2, left + (tile - width) // 2
+            canvas[y : y + height, x : x + width] = pixels
+        suffix = " (partial)" if row.get("status") == "partial" else ""
+        title = _ascii(_short(str(row.get("SourceID", ""))))
+        _put_centred(canvas, title, (top + tile, left, caption, tile), _INK, suffix)
+    return canvas
+
+
 def _render_png(path: Path, samples: pd.DataFrame, images: list) -> None:
-    n_images = len(images)
-    if n_images == 0:
-        figure = Figure(figsize=(4, 2), dpi=100)
-        axis = figure.add_subplot()
-        axis.text(0.5, 0.5, "No cutouts with status ok or partial", ha="center", va="center")
-        axis.set_axis_off()
-    else:
-        columns = math.ceil(math.sqrt(n_images))
-        rows = math.ceil(n_images / columns)
-        figure = Figure(figsize=(2.2 * columns, 2.4 * rows), dpi=100)
-        for k, ((_, row), image) in enumerate(zip(samples.iterrows(), images, strict=True)):
-            axis = figure.add_subplot(rows, columns, k + 1)
-            axis.set_axis_off()
-            title = _short(str(row.get("SourceID", "")))
-            if row.get("status") == "partial":
-                title += " (partial)"
-            axis.set_title(title, fontsize=7)
-            if image is None:
-                axis.text(0.5, 0.5, "unavailable", ha="center", va="center", fontsize=8)
-                continue
-            shown = display_image(image)
-            if shown.ndim == 3:
-                axis.imshow(shown, origin="lower", interpolation="nearest")
-            else:
-                axis.imshow(shown, origin="lower", cmap="gray", vmin=0, vmax=1)
-        figure.tight_layout()
-    FigureCanvasAgg(figure)
+    canvas = _compose_grid(samples, images)
+    # OpenCV encodes BGR; PNG from imencode carries no date or software chunk (reproducible).
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - OpenCV always encodes uint8 images
+        raise CutanaError("gallery: PNG encoding of the grid failed")
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    # No software/date metadata: the same run gives the same bytes.
-    figure.savefig(tmp, format="png", metadata={"Software": None})
+    tmp.write_bytes(encoded.tobytes())
     os.replace(tmp, path)
 
 
