@@ -207,3 +207,87 @@ def test_failing_child_raises_with_its_error_message(tmp_path):
         memory_model.measure_peak_rss(
             sample, cfg, tmp_path / "scratch", runner="broken_runner:run_batch", env=env
         )
+
+
+def test_workload_term_is_capped_by_the_engines_working_memory():
+    cfg = make_config(channel_weights={"A": [1.0, 0.0, 0.0], "B": [0.0, 1.0, 0.0]})
+    model = memory_model.fit_model(
+        {"points": [{"workload": 1e5, "peak_mb": 150.0}, {"workload": 1e6, "peak_mb": 210.0}]},
+        cfg,
+    )
+    assert model["working_mb"] == pytest.approx(memory_model.engine_working_mb(cfg))
+    assert 100 < model["working_mb"] < 1000
+    linear = memory_model.mem_mb_for(1e6, model, n_sources=10)
+    assert linear == memory_model.mem_mb_for(1e6, model)  # below the cap: the fitted line
+    huge = 1e12  # the line alone would declare ~70 TB
+    capped = memory_model.mem_mb_for(huge, model, n_sources=5000)
+    expected = (
+        model["safety_factor"]
+        * (model["base_mb"] + model["working_mb"] + model["per_source_mb"] * 5000)
+        + model["job_overhead_mb"]
+    )
+    assert capped == pytest.approx(expected, abs=1)
+    assert memory_model.mem_mb_for(huge, model) > 1000 * capped
+    assert memory_model.mem_mb_for(huge, model, attempt=2, n_sources=5000) == pytest.approx(
+        2 * capped, abs=2
+    )
+
+
+def test_engine_groups_stay_within_the_group_budget(monkeypatch):
+    from cutana import engine
+
+    monkeypatch.setattr(engine, "GROUP_BYTES", 100 * 100 * 4 * 3)  # three 100 px stamps
+    files = np.array(["a.fits"] * 7 + ["b.fits"] * 2 + ["a.fits"], dtype=object)
+    sizes = np.array([100] * 7 + [100, 100] + [50])
+    groups = engine._groups_by_file_and_size(files, sizes)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(10))
+    for group in groups:
+        assert len(set(files[group])) == 1 and len(set(sizes[group])) == 1
+        assert len(group) * int(sizes[group[0]]) ** 2 * 4 <= engine.GROUP_BYTES or len(group) == 1
+    assert sorted(len(g) for g in groups) == [1, 1, 2, 3, 3]
+
+
+def test_declared_memory_covers_a_real_batch_far_larger_than_the_sample(tmp_path, make_wcs):
+    """The profile runs 20 sources; a 600-source batch of equal 150 px stamps (one big group,
+    pages of a whole 3000 px wide image) must still run within what the model declares."""
+    from conftest import write_image
+
+    rng = np.random.default_rng(5)
+    shape = (1500, 3000)
+    wcs = make_wcs(shape, ra=10.0, dec=-5.0, scale_arcsec=0.3)
+    image = write_image(tmp_path / "a.fits", rng.normal(size=shape).astype(np.float32), wcs)
+    n_rows = 600
+    x = rng.uniform(0, shape[1], n_rows)
+    y = rng.uniform(0, shape[0], n_rows)
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    frame = batch_frame([150] * n_rows, paths=(str(image),))
+    frame["RA"], frame["Dec"] = ra, dec
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    frame.sort_values("Dec").to_parquet(batches / "00000_0000000000.parquet", index=False)
+    manifest = {
+        "total_rows": n_rows,
+        "batches": [{"name": "00000_0000000000", "index": 0, "n_sources": n_rows, "tile": "t0"}],
+        "tiles": {"t0": [str(image)]},
+    }
+    (batches / "manifest.json").write_text(json.dumps(manifest))
+    cfg = make_config(
+        channel_weights={"A": [1.0]},
+        target_resolution=64,
+        fits_extensions=["PRIMARY"],
+        memory={"profile_sources": 20},
+    )
+    model = memory_model.build_memory_model(batches, cfg, tmp_path / "m.json", tmp_path / "s1")
+    whole = pd.read_parquet(batches / "00000_0000000000.parquet")
+    workloads = memory_model.source_workloads(np.full((n_rows, 1), 150), cfg)
+    measured = memory_model.measure_peak_rss(
+        whole.assign(_workload=workloads), cfg, tmp_path / "s2"
+    )
+    declared = memory_model.mem_mb_for_batch("00000_0000000000", model)
+    assert declared >= measured["peak_mb"], (declared, measured)
+    # The cap alone (what is declared whenever the fitted line runs above it) covers it too,
+    # without the safety factor and the job overhead.
+    bare = {**model, "mb_per_unit": 1.0, "safety_factor": 1.0, "job_overhead_mb": 0}
+    capped = memory_model.mem_mb_for_batch("00000_0000000000", bare)
+    assert capped < memory_model.mem_mb_for(model["batches"]["00000_0000000000"]["workload"], bare)
+    assert capped >= measured["peak_mb"], (capped, measured)

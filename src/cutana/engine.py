@@ -53,8 +53,11 @@ METADATA_COLUMNS = [
 #: Columns of ``BatchResult.index``, in order.
 INDEX_COLUMNS = ["row_index", "SourceID", "RA", "Dec", "status", "reason", "idx_in_zarr"]
 
-# Bytes of float32 band stacks (N, B, T, T) processed at once; bounds the working memory.
-_CHUNK_BYTES = 64 * 1024 * 1024
+#: Bytes of float32 band stacks (N, B, T, T) processed at once; bounds the working memory.
+CHUNK_BYTES = 64 * 1024 * 1024
+#: Bytes of float32 stamps (K, S, S) extracted and resampled at once: stamps of one size from
+#: one file are cut in groups of at most this much, whatever the batch size.
+GROUP_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -164,20 +167,29 @@ def _plan_band(
 
 
 def _chunk_rows(n_rows: int, n_bands: int, target: int) -> int:
-    """Sources per processing chunk so the (K, B, T, T) stacks stay near ``_CHUNK_BYTES``."""
+    """Sources per processing chunk so the (K, B, T, T) stacks stay near :data:`CHUNK_BYTES`."""
     per_source = max(1, n_bands * target * target * 4 * 3)  # bands + resample scratch
-    return max(1, min(n_rows, _CHUNK_BYTES // per_source))
+    return max(1, min(n_rows, CHUNK_BYTES // per_source))
 
 
 def _groups_by_file_and_size(files: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-    """Positions of the rows sharing a (file, stamp size), each group in row order."""
+    """Positions of the rows sharing a (file, stamp size), each group in row order.
+
+    A group holds at most :data:`GROUP_BYTES` of float32 stamps (larger ones are cut), so the
+    memory of extraction and resampling does not grow with the batch.
+    """
     if len(files) == 0:
         return []
     _, file_codes = np.unique(files.astype(str), return_inverse=True)
     keys = file_codes.astype(np.int64) * (int(sizes.max()) + 1) + sizes.astype(np.int64)
     order = np.argsort(keys, kind="stable")
     starts = np.flatnonzero(np.diff(keys[order])) + 1
-    return np.split(order, starts)
+    groups = []
+    for group in np.split(order, starts):
+        side = int(sizes[group[0]])
+        step = max(1, GROUP_BYTES // max(1, side * side * 4))
+        groups.extend(group[i : i + step] for i in range(0, len(group), step))
+    return groups
 
 
 def _process_chunk(

@@ -8,8 +8,12 @@ a child process, measures its peak resident memory and fits
     workload = sum over the batch's sources of (S_b^2 summed over bands + T^2 x C),
 
 with S_b the stamp size read from band b, T the target resolution and C the number of output
-channels. The ``cutout_batch`` rule declares ``mem_mb_for_batch(...)`` as its ``mem_mb`` resource,
-so ``--resources mem_mb=X`` (local) and ``--mem`` (SLURM) bound how many batches run at once.
+channels. The engine streams a batch (chunks of sources, groups of stamps, mapped pages and Zarr
+shards all of bounded size), so what grows with the workload saturates: the workload term is
+capped by :func:`engine_working_mb`, a bound computed from the engine's buffer sizes, plus a
+small cost per source (its metadata), so a large batch is not declared many times its need.
+The ``cutout_batch`` rule declares ``mem_mb_for_batch(...)`` as its ``mem_mb`` resource, so
+``--resources mem_mb=X`` (local) and ``--mem`` (SLURM) bound how many batches run at once.
 
 The child process is run as ``python -m cutana.memory_model SAMPLE CONFIG SCRATCH RESULT``.
 """
@@ -58,6 +62,42 @@ def _band_extensions(cfg: Mapping) -> list:
 
 def _n_channels(cfg: Mapping) -> int:
     return len(next(iter(cfg["channel_weights"].values())))
+
+
+#: Memory (MB) a batch keeps per source until it is written: its metadata row, WCS header text
+#: and status row (a few KB; rounded up).
+PER_SOURCE_MB = 0.01
+
+
+def engine_working_mb(cfg: Mapping) -> float:
+    """Upper bound (MB) of the engine's working memory beyond its fixed cost, for any batch.
+
+    The sum of the engine's bounded buffers: mapped pages or decompressed blocks per band
+    file, one group of stamps with its mask and resampling scratch (10 bytes per float32 stamp
+    pixel), the arrays of one chunk of sources (band stacks and masks, mixed channels and
+    masks, normalised output; twice, for the copies made between stages) and a Zarr shard
+    with its encoded chunks. Memory that grows with the number of sources is
+    :data:`PER_SOURCE_MB` per source on top.
+
+    Parameters
+    ----------
+    cfg : mapping
+        Validated configuration (``channel_weights``, ``target_resolution``).
+
+    Returns
+    -------
+    float
+    """
+    from . import engine, fits_io, writers
+
+    n_bands, n_channels = len(cfg["channel_weights"]), _n_channels(cfg)
+    target = int(cfg["target_resolution"])
+    reads = n_bands * max(fits_io.MAPPED_PAGES_BUDGET * 4096, fits_io.COMPRESSED_CACHE_BYTES)
+    group = engine.GROUP_BYTES * 10 / 4
+    chunk_sources = engine.CHUNK_BYTES // max(1, n_bands * target * target * 12)
+    chunk = 2 * max(1, chunk_sources) * target * target * (5 * n_bands + 9 * n_channels)
+    shard = 2 * writers.SHARD_TARGET_BYTES
+    return (reads + group + chunk + shard) / 2**20
 
 
 def file_pixel_scale_arcsec(path: str, extension: str | int) -> float:
@@ -190,10 +230,14 @@ def fit_model(measurement: Mapping, cfg: Mapping) -> dict:
         "safety_factor": float(cfg["memory"]["safety_factor"]),
         "min_mb": int(cfg["memory"]["min_mb"]),
         "job_overhead_mb": int(cfg["memory"]["job_overhead_mb"]),
+        "working_mb": float(engine_working_mb(cfg)),
+        "per_source_mb": PER_SOURCE_MB,
     }
 
 
-def mem_mb_for(workload: float, model: Mapping, attempt: int = 1) -> int:
+def mem_mb_for(
+    workload: float, model: Mapping, attempt: int = 1, n_sources: int | None = None
+) -> int:
     """Memory (MB) to declare for a batch of ``workload`` units.
 
     Parameters
@@ -205,13 +249,21 @@ def mem_mb_for(workload: float, model: Mapping, attempt: int = 1) -> int:
     attempt : int
         Snakemake's attempt number (1 on the first try); the estimate is multiplied by it so a
         job killed for lack of memory is retried with more.
+    n_sources : int, optional
+        Sources of the batch. When given (and the model has ``working_mb``), the workload term
+        is capped at ``working_mb + per_source_mb x n_sources``: the engine streams, so its
+        memory stops growing with the workload once its buffers are full.
 
     Returns
     -------
     int
         Megabytes, at least ``min_mb x attempt``.
     """
-    estimate = model["safety_factor"] * (model["base_mb"] + model["mb_per_unit"] * workload)
+    variable = model["mb_per_unit"] * workload
+    if n_sources is not None and "working_mb" in model:
+        cap = model["working_mb"] + model.get("per_source_mb", PER_SOURCE_MB) * n_sources
+        variable = min(variable, cap)
+    estimate = model["safety_factor"] * (model["base_mb"] + variable)
     # A cluster counts every process of the job, including the Snakemake process that runs the
     # rule's script inside it, which the profiling child does not see.
     estimate += model.get("job_overhead_mb", 0)
@@ -238,7 +290,7 @@ def mem_mb_for_batch(batch_name: str, model: Mapping, attempt: int = 1) -> int:
     entry = model.get("batches", {}).get(batch_name)
     if entry is None:
         return FALLBACK_MEM_MB * max(int(attempt), 1)
-    return mem_mb_for(entry["workload"], model, attempt)
+    return mem_mb_for(entry["workload"], model, attempt, n_sources=entry.get("n_sources"))
 
 
 def scan_batches(
