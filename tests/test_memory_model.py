@@ -277,11 +277,15 @@ def test_declared_memory_covers_a_real_batch_far_larger_than_the_sample(tmp_path
         fits_extensions=["PRIMARY"],
         memory={"profile_sources": 20},
     )
-    model = memory_model.build_memory_model(batches, cfg, tmp_path / "m.json", tmp_path / "s1")
+    # Both measured in fresh processes, like a cutout job (not this large test process).
+    env = dict(os.environ)
+    model = memory_model.build_memory_model(
+        batches, cfg, tmp_path / "m.json", tmp_path / "s1", env=env
+    )
     whole = pd.read_parquet(batches / "00000_0000000000.parquet")
     workloads = memory_model.source_workloads(np.full((n_rows, 1), 150), cfg)
     measured = memory_model.measure_peak_rss(
-        whole.assign(_workload=workloads), cfg, tmp_path / "s2"
+        whole.assign(_workload=workloads), cfg, tmp_path / "s2", env=env
     )
     declared = memory_model.mem_mb_for_batch("00000_0000000000", model)
     assert declared >= measured["peak_mb"], (declared, measured)
@@ -291,3 +295,31 @@ def test_declared_memory_covers_a_real_batch_far_larger_than_the_sample(tmp_path
     capped = memory_model.mem_mb_for_batch("00000_0000000000", bare)
     assert capped < memory_model.mem_mb_for(model["batches"]["00000_0000000000"]["workload"], bare)
     assert capped >= measured["peak_mb"], (capped, measured)
+
+
+def test_in_process_measurement_resets_the_peak_before_each_run(tmp_path, monkeypatch):
+    """Without ``env`` the sample runs in this process; its earlier peak must not leak in."""
+    if not memory_model._reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    (tmp_path / "fake_runner_here.py").write_text(FAKE_RUNNER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = make_config(
+        channel_weights={"A": [1.0]},
+        target_resolution=16,
+        memory={"profile_sources": 20, "safety_factor": 1.0, "min_mb": 100},
+    )
+    write_batches(tmp_path / "batches", [[200] * 15, [200] * 15])
+    spike = np.ones(400 * 2**20 // 8)  # a 400 MB peak of this process before the profile
+    del spike
+    model = memory_model.build_memory_model(
+        tmp_path / "batches",
+        cfg,
+        tmp_path / "model.json",
+        tmp_path / "scratch",
+        runner="fake_runner_here:run_batch",
+    )
+    expected_slope = 256 / 2**20
+    assert 0.9 * expected_slope < model["mb_per_unit"] < 1.1 * expected_slope
+    peaks = [p["peak_mb"] for p in model["sample"]["points"]]
+    assert peaks == sorted(peaks)
+    assert peaks[-1] - peaks[0] > 0.8 * 18 * 40256 * 256 / 2**20
