@@ -29,7 +29,8 @@ def mix_channels(
     Returns
     -------
     images : ndarray of float32, shape (N, T, T, C)
-        Mixed channels; 0 where the pixel is invalid.
+        Mixed channels; 0 where the pixel is invalid. A single channel that is one band with
+        weight 1 may share memory with ``bands``.
     valid_out : ndarray of bool, shape (N, T, T, C)
         A pixel of channel ``c`` is valid iff every band with a nonzero weight for ``c`` is
         valid there (a channel whose weights are all 0 is valid everywhere and 0).
@@ -63,9 +64,9 @@ def mix_channels(
     for band in np.flatnonzero(np.any(weights != 0, axis=1)).tolist():
         data = bands[:, band]
         ok = valid[:, band]
-        finite = np.isfinite(data)
-        if not finite.all():
-            ok = ok & finite
+        # A finite float64 sum proves every float32 value finite in one pass without a mask.
+        if not np.isfinite(np.sum(data, dtype=np.float64)):
+            ok = ok & np.isfinite(data)
         if ok.all():
             clean[band], band_valid[band] = data, None
         else:
@@ -80,7 +81,7 @@ def mix_channels(
         ok = None
         for band in used:
             if band_valid[band] is not None:
-                ok = band_valid[band].copy() if ok is None else ok & band_valid[band]
+                ok = band_valid[band] if ok is None else ok & band_valid[band]
         if len(used) == 1 and weights[used[0], channel] == 1:
             plane = clean[used[0]]
         else:
@@ -88,13 +89,21 @@ def mix_channels(
             for band in used:
                 weight = np.float32(weights[band, channel])
                 plane += clean[band] if weight == 1 else weight * clean[band]
-        if ok is not None:
+        if ok is not None and len(used) > 1:
+            # A single band is already 0 where invalid; a sum may hold a valid band's value.
             plane = np.where(ok, plane, np.float32(0))
         planes.append(plane)
         plane_valid.append(ok)
-    images = _interleave(planes, np.float32, (n, height, width, n_channels))
+    if n_channels == 1 and planes[0].flags.c_contiguous:
+        # One channel: (N, T, T) and (N, T, T, 1) have the same memory layout, so the plane
+        # (possibly a view of ``bands``) is returned without a copy.
+        images = planes[0].reshape(n, height, width, 1)
+    else:
+        images = _interleave(planes, np.float32, (n, height, width, n_channels))
     if all(ok is None for ok in plane_valid):
         valid_out = np.ones((n, height, width, n_channels), dtype=bool)
+    elif n_channels == 1 and plane_valid[0].flags.c_contiguous:
+        valid_out = plane_valid[0].reshape(n, height, width, 1)
     else:
         masks = [
             np.ones((n, height, width), dtype=bool) if ok is None else ok for ok in plane_valid
