@@ -76,3 +76,22 @@ def test_shape_errors_name_the_problem():
         mix_channels(bands[0], valid[0], [[1.0], [1.0]])
     with pytest.raises(ValueError, match="finite"):
         mix_channels(bands, valid, [[np.nan], [1.0]])
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.5])
+def test_single_band_channel_masks_nan_inf_and_invalid_values(weight):
+    rng = np.random.default_rng(7)
+    bands = rng.normal(size=(3, 1, 6, 6)).astype(np.float32)
+    valid = np.ones(bands.shape, dtype=bool)
+    bands[0, 0, 1, 2] = np.nan  # marked valid but not finite
+    bands[1, 0, 3, 3] = np.inf
+    valid[2, 0, 0, :] = False
+    bands[2, 0, 0, :] = 1e30  # garbage under invalid pixels
+    images, out_valid = mix_channels(bands, valid, np.array([[weight]]))
+    assert images.shape == (3, 6, 6, 1) and out_valid.shape == (3, 6, 6, 1)
+    expected_valid = valid[:, 0] & np.isfinite(bands[:, 0])
+    np.testing.assert_array_equal(out_valid[..., 0], expected_valid)
+    assert np.all(images[..., 0][~expected_valid] == 0)
+    np.testing.assert_allclose(
+        images[..., 0][expected_valid], weight * bands[:, 0][expected_valid], rtol=1e-6
+    )
