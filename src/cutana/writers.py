@@ -182,11 +182,13 @@ def _write_parquet(metadata_df: pd.DataFrame, path: Path) -> None:
     pq.write_table(table, path)
 
 
-#: Blosc settings of the Zarr chunks. LZ4 level 5 with byte shuffle: measured on noisy float32
-#: cutouts it compresses nearly as well as zstd level 1 (ratio 1.66 vs 1.73) at ~4x the speed
-#: (~1 GB/s), so compression no longer dominates the time of a batch.
+#: Blosc settings of the Zarr chunks. LZ4 with byte shuffle: measured on noisy float32 cutouts
+#: it compresses nearly as well as zstd level 1 (ratio 1.66 vs 1.73) at ~4x the speed, so
+#: compression no longer dominates the time of a batch. Level 9 only makes Blosc's blocks
+#: larger: on asinh-stretched 256 px x 3 cutouts it encodes ~20 % faster than level 5 (2.9 vs
+#: 2.4 GB/s, warm) and decodes faster, at the same ratio (2.16).
 ZARR_CNAME = "lz4"
-ZARR_CLEVEL = 5
+ZARR_CLEVEL = 9
 
 _EMPTY_CHUNK = np.uint64(2**64 - 1)
 
