@@ -359,7 +359,10 @@ def test_fake_run_command_maps_workers_memory_and_quiet(fake_workflow):
 
 def test_fake_run_failure_reports_the_script_error(fake_workflow):
     orchestrator = Orchestrator(
-        fake_workflow(), snakemake_args=["--config", "fake_fail=bad value in row 3"]
+        # One batch: failing jobs running at once print into the same console log, and their
+        # tracebacks can interleave character runs.
+        fake_workflow(),
+        snakemake_args=["--config", "fake_fail=bad value in row 3", "fake_batches=1"],
     )
     result = orchestrator.run()
     assert result["status"] == "failed"

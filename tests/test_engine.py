@@ -294,3 +294,34 @@ def test_read_error_fails_only_that_files_sources(tmp_path, write_fits, make_wcs
     assert list(result.metadata["idx_in_zarr"]) == [0, 1]
     assert list(result.metadata["source_id"]) == ["src-0", "src-0"]
     assert result.images.shape[0] == 2
+
+
+@pytest.mark.parametrize("output_format", ["zarr", "fits"])
+def test_cutout_job_process_never_imports_pandas(tmp_path, write_fits, make_wcs, output_format):
+    """pyarrow imports pandas (~0.25 s) on its first ordinary conversion; a cutout job must not
+    pay that, so run_batch reads and writes its tables through cutana.arrow_tables."""
+    import json
+    import subprocess
+    import sys
+
+    wcs = make_wcs(SHAPE)
+    path = write_fits(tmp_path / "img.fits", _image(3), wcs)
+    batch_path = tmp_path / "00000_abc.parquet"
+    _batch(wcs, [(50.0, 50.0), (500.0, 500.0), (1.0, 1.0)], [path], diameter_pixel=16.0).to_parquet(
+        batch_path
+    )
+    cfg = dict(_config(), output_format=output_format, output_dir=str(tmp_path / "out"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    script = (
+        "import json, sys\n"
+        "from cutana.engine import run_batch\n"
+        f"cfg = json.load(open({str(tmp_path / 'cfg.json')!r}))\n"
+        f"run_batch({str(batch_path)!r}, {str(tmp_path / 'out' / 'b')!r}, "
+        f"{str(tmp_path / 'out' / 's.parquet')!r}, cfg)\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    status = pd.read_parquet(tmp_path / "out" / "s.parquet")
+    assert list(status["status"]) == ["ok", "no_overlap", "partial"]

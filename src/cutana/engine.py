@@ -10,6 +10,10 @@ Statuses (one per batch row): ``ok``; ``partial`` (the stamp crosses an image ed
 invalid pixels in some band); ``no_overlap`` (the stamp misses the image in every band);
 ``failed`` (a file of the source could not be read; the reason names it). A failed file fails
 only its sources, never the batch.
+
+Batches in and tables out are pyarrow tables handled through :mod:`cutana.arrow_tables`, so a
+cutout job never imports pandas (~0.25 s of start-up per job); :class:`BatchResult` converts its
+tables to DataFrames only when asked, and :func:`process_batch` also takes a DataFrame.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
+from . import arrow_tables
 from .config import band_extensions
 from .exceptions import CutanaError
 from .extraction import StampWindows, extract_stamps, stamp_sizes, stamp_windows
@@ -60,7 +65,6 @@ CHUNK_BYTES = 64 * 1024 * 1024
 GROUP_BYTES = 32 * 1024 * 1024
 
 
-@dataclass
 class BatchResult:
     """Output of :func:`process_batch`.
 
@@ -72,14 +76,31 @@ class BatchResult:
         M rows, :data:`METADATA_COLUMNS` (row i describes image i): SPEC §7.1 plus ``bunit``,
         the unit of the pixel values when they keep a physical unit (normalisation ``none``
         with float32 output: ``Jy`` after flux conversion, else the reference band's
-        ``BUNIT``), otherwise "".
+        ``BUNIT``), otherwise "". Made from ``metadata_table`` on first access.
     index : DataFrame
-        One row per batch row, :data:`INDEX_COLUMNS`.
+        One row per batch row, :data:`INDEX_COLUMNS`. Made from ``index_table``.
+    metadata_table, index_table : pyarrow.Table
+        The same tables as Arrow tables (what the writers use).
     """
 
-    images: np.ndarray
-    metadata: pd.DataFrame
-    index: pd.DataFrame
+    def __init__(self, images, metadata_table: pa.Table, index_table: pa.Table) -> None:
+        self.images = images
+        self.metadata_table = metadata_table
+        self.index_table = index_table
+        self._frames: dict = {}
+
+    def _frame(self, name: str):
+        if name not in self._frames:
+            self._frames[name] = getattr(self, f"{name}_table").to_pandas()
+        return self._frames[name]
+
+    @property
+    def metadata(self):
+        return self._frame("metadata")
+
+    @property
+    def index(self):
+        return self._frame("index")
 
 
 @dataclass
@@ -98,14 +119,61 @@ def _weights_matrix(cfg: Mapping) -> np.ndarray:
     return np.array([list(v) for v in cfg["channel_weights"].values()], dtype=np.float64)
 
 
-def _paths_per_band(batch_df: pd.DataFrame, n_bands: int) -> np.ndarray:
+def _batch_columns(batch) -> dict:
+    """The engine's columns of a batch (a pyarrow Table or a DataFrame) as arrays.
+
+    ``RA``, ``Dec``, ``diameter_pixel``, ``diameter_arcsec`` as float64 (NaN for nulls),
+    ``row_index`` int64 (the position when absent), ``SourceID`` and ``tile`` (None when
+    absent) as object arrays of str, ``fits_file_paths`` as a list of lists.
+    """
+    numeric = ("RA", "Dec", "diameter_pixel", "diameter_arcsec")
+    if isinstance(batch, pa.Table):
+        n_rows = batch.num_rows
+        columns = {name: arrow_tables.float_column(batch, name) for name in numeric}
+        names = batch.column_names
+        columns["row_index"] = (
+            arrow_tables.int_column(batch, "row_index") if "row_index" in names else None
+        )
+        columns["SourceID"] = arrow_tables.text_column(batch, "SourceID")
+        columns["tile"] = arrow_tables.text_column(batch, "tile") if "tile" in names else None
+        columns["fits_file_paths"] = batch["fits_file_paths"].to_pylist()
+    else:  # a DataFrame: pandas is loaded by whoever made it
+        import pandas as pd
+
+        frame = batch.reset_index(drop=True)
+        n_rows = len(frame)
+        columns = {
+            name: (
+                pd.to_numeric(frame[name], errors="coerce").to_numpy(
+                    dtype=np.float64, na_value=np.nan
+                )
+                if name in frame
+                else np.full(n_rows, np.nan)
+            )
+            for name in numeric
+        }
+        columns["row_index"] = (
+            frame["row_index"].to_numpy(dtype=np.int64) if "row_index" in frame else None
+        )
+        columns["SourceID"] = frame["SourceID"].astype(str).to_numpy(dtype=object)
+        columns["tile"] = (
+            frame["tile"].astype(str).to_numpy(dtype=object) if "tile" in frame else None
+        )
+        columns["fits_file_paths"] = frame["fits_file_paths"].tolist()
+    if columns["row_index"] is None:
+        columns["row_index"] = np.arange(n_rows, dtype=np.int64)
+    return columns
+
+
+def _paths_per_band(columns: dict, n_bands: int) -> np.ndarray:
     """(N, B) object array of file paths from the ``fits_file_paths`` column."""
-    paths = np.empty((len(batch_df), n_bands), dtype=object)
-    for row, entry in enumerate(batch_df["fits_file_paths"].tolist()):
+    entries = columns["fits_file_paths"]
+    paths = np.empty((len(entries), n_bands), dtype=object)
+    for row, entry in enumerate(entries):
         entry = list(entry) if entry is not None else []
         if len(entry) != n_bands:
             raise CutanaError(
-                f"batch row {row} (SourceID {batch_df['SourceID'].iloc[row]!r}): "
+                f"batch row {row} (SourceID {columns['SourceID'][row]!r}): "
                 f"fits_file_paths has {len(entry)} paths but channel_weights defines {n_bands} "
                 "bands. Fix: give one file per band, in the order of channel_weights."
             )
@@ -114,7 +182,7 @@ def _paths_per_band(batch_df: pd.DataFrame, n_bands: int) -> np.ndarray:
 
 
 def _plan_band(
-    batch_df: pd.DataFrame,
+    columns: dict,
     band_paths: np.ndarray,
     extension,
     cfg: Mapping,
@@ -122,9 +190,9 @@ def _plan_band(
     reasons: list[str],
 ) -> _BandPlan:
     """Open the band's files and compute every source's window (one WCS call per file)."""
-    n_rows = len(batch_df)
-    ra = batch_df["RA"].to_numpy(dtype=np.float64)
-    dec = batch_df["Dec"].to_numpy(dtype=np.float64)
+    n_rows = len(band_paths)
+    ra, dec = columns["RA"], columns["Dec"]
+    diameters = {k: columns[k] for k in ("diameter_pixel", "diameter_arcsec")}
     x = np.full(n_rows, np.nan)
     y = np.full(n_rows, np.nan)
     pixel_scale = np.full(n_rows, np.nan)
@@ -134,7 +202,7 @@ def _plan_band(
     handles = {}
     convert = bool(cfg.get("apply_flux_conversion", False))
     zp_keyword = cfg.get("flux_conversion_keywords", {}).get("AB_zeropoint", "MAGZERO")
-    for path in pd.unique(band_paths):
+    for path in dict.fromkeys(band_paths.tolist()):  # unique, in order of appearance
         rows = np.flatnonzero(band_paths == path)
         try:
             handle = cache.get(path, extension)
@@ -143,7 +211,7 @@ def _plan_band(
                 flux_factor[rows] = factor
             xs, ys = handle.wcs.all_world2pix(ra[rows], dec[rows], 0, quiet=True)
             sizes[rows] = stamp_sizes(
-                batch_df.iloc[rows],
+                {k: v[rows] for k, v in diameters.items()},
                 np.array([handle.pixel_scale_arcsec]),
                 float(cfg.get("padding_factor", 1.0)),
             )[:, 0]
@@ -234,12 +302,12 @@ def _process_chunk(
     return bands, valid
 
 
-def process_batch(batch_df: pd.DataFrame, cfg: Mapping, sink=None) -> BatchResult:
+def process_batch(batch, cfg: Mapping, sink=None) -> BatchResult:
     """Cut, convert, resample, mix and normalise every source of a batch.
 
     Parameters
     ----------
-    batch_df : DataFrame
+    batch : DataFrame or pyarrow.Table
         Batch rows: ``SourceID``, ``RA``, ``Dec``, ``fits_file_paths`` (one path per band),
         ``diameter_pixel`` and/or ``diameter_arcsec``; optional ``row_index`` (default: the
         position) and ``tile``.
@@ -259,19 +327,19 @@ def process_batch(batch_df: pd.DataFrame, cfg: Mapping, sink=None) -> BatchResul
     from .mixing import mix_channels
     from .normalisation import normalise_batch
 
-    batch_df = batch_df.reset_index(drop=True)
-    n_rows = len(batch_df)
+    columns = _batch_columns(batch)
+    n_rows = len(columns["RA"])
     weights = _weights_matrix(cfg)
     n_bands, n_channels = weights.shape
     target = int(cfg["target_resolution"])
     out_dtype = np.uint8 if cfg.get("data_type", "float32") == "uint8" else np.float32
     extensions = band_extensions(cfg)
-    paths = _paths_per_band(batch_df, n_bands)
+    paths = _paths_per_band(columns, n_bands)
     reasons = [""] * n_rows
 
     with ImageCache() as cache:
         plans = [
-            _plan_band(batch_df, paths[:, b], extensions[b], cfg, cache, reasons)
+            _plan_band(columns, paths[:, b], extensions[b], cfg, cache, reasons)
             for b in range(n_bands)
         ]
         failed = np.array([bool(r) for r in reasons], dtype=bool)
@@ -326,51 +394,36 @@ def process_batch(batch_df: pd.DataFrame, cfg: Mapping, sink=None) -> BatchResul
     idx_in_zarr = np.full(n_rows, -1, dtype=np.int64)
     idx_in_zarr[todo] = np.arange(len(todo), dtype=np.int64)
 
-    row_index = (
-        batch_df["row_index"].to_numpy(dtype=np.int64)
-        if "row_index" in batch_df
-        else np.arange(n_rows, dtype=np.int64)
-    )
-    index = pd.DataFrame(
+    index = arrow_tables.table_of(
         {
-            "row_index": row_index,
-            "SourceID": batch_df["SourceID"].astype(str).to_numpy(),
-            "RA": batch_df["RA"].to_numpy(dtype=np.float64),
-            "Dec": batch_df["Dec"].to_numpy(dtype=np.float64),
-            "status": status.astype(str),
-            "reason": reason.astype(str),
-            "idx_in_zarr": idx_in_zarr,
-        },
-        columns=INDEX_COLUMNS,
+            "row_index": arrow_tables.numeric_array(columns["row_index"], np.int64),
+            "SourceID": arrow_tables.string_array(columns["SourceID"]),
+            "RA": arrow_tables.numeric_array(columns["RA"], np.float64),
+            "Dec": arrow_tables.numeric_array(columns["Dec"], np.float64),
+            "status": arrow_tables.string_array(status),
+            "reason": arrow_tables.string_array(reason),
+            "idx_in_zarr": arrow_tables.numeric_array(idx_in_zarr, np.int64),
+        }
     )
-    metadata = _metadata(batch_df, plans[0], todo, status, valid_fraction, target)
-    metadata["bunit"] = _pixel_unit(plans[0], todo, cfg)
-    return BatchResult(images=images, metadata=metadata, index=index)
-
-
-def _optional_column(batch_df: pd.DataFrame, name: str) -> np.ndarray:
-    """A numeric column as float64 (NaN for nulls), or all NaN when the column is absent."""
-    if name not in batch_df:
-        return np.full(len(batch_df), np.nan)
-    return pd.to_numeric(batch_df[name], errors="coerce").to_numpy(
-        dtype=np.float64, na_value=np.nan
-    )
+    metadata = _metadata(columns, plans[0], todo, status, valid_fraction, target, cfg)
+    return BatchResult(images=images, metadata_table=metadata, index_table=index)
 
 
 def _metadata(
-    batch_df: pd.DataFrame,
+    columns: dict,
     reference: _BandPlan,
     todo: np.ndarray,
     status: np.ndarray,
     valid_fraction: np.ndarray,
     target: int,
-) -> pd.DataFrame:
+    cfg: Mapping,
+) -> pa.Table:
     """SPEC §7.1 metadata of the images (reference band = first band)."""
     windows = reference.windows.take(todo)
     scale = reference.pixel_scale[todo]
     size = windows.size
-    arcsec = _optional_column(batch_df, "diameter_arcsec")[todo]
-    pixels = _optional_column(batch_df, "diameter_pixel")[todo]
+    arcsec = columns["diameter_arcsec"][todo]
+    pixels = columns["diameter_pixel"][todo]
     # Report both diameters: the catalogue's value where given, else derived from the other.
     pixels = np.where(np.isfinite(pixels), pixels, np.rint(arcsec / scale))
     arcsec = np.where(np.isfinite(arcsec), arcsec, pixels * scale)
@@ -390,30 +443,29 @@ def _metadata(
         if template is None:
             template = templates[path] = CutoutHeaderTemplate(handle.wcs)
         headers.append(template.text(origin_x[k], origin_y[k], target / float(size[k])))
-    tiles = (
-        batch_df["tile"].astype(str).to_numpy()[todo]
-        if "tile" in batch_df
-        else np.full(len(todo), "", dtype=object)
-    )
-    return pd.DataFrame(
+    tiles = columns["tile"][todo] if columns["tile"] is not None else [""] * len(todo)
+    n_images = len(todo)
+    float64, int64, text = np.float64, np.int64, arrow_tables.string_array
+    number = arrow_tables.numeric_array
+    return arrow_tables.table_of(
         {
-            "source_id": batch_df["SourceID"].astype(str).to_numpy()[todo],
-            "ra": batch_df["RA"].to_numpy(dtype=np.float64)[todo],
-            "dec": batch_df["Dec"].to_numpy(dtype=np.float64)[todo],
-            "idx_in_zarr": np.arange(len(todo), dtype=np.int64),
-            "diameter_arcsec": arcsec,
-            "diameter_pixel": pixels,
-            "processing_timestamp": np.full(len(todo), time.time()),
-            "tile": tiles,
-            "extraction_origin_x": windows.origin_x.astype(np.int64),
-            "extraction_origin_y": windows.origin_y.astype(np.int64),
-            "extraction_size": size.astype(np.int64),
-            "pixel_scale_arcsec": scale * size / float(target),
-            "valid_fraction": valid_fraction,
-            "status": status[todo].astype(str),
-            "wcs_header": headers,
-        },
-        columns=METADATA_COLUMNS,
+            "source_id": text(columns["SourceID"][todo]),
+            "ra": number(columns["RA"][todo], float64),
+            "dec": number(columns["Dec"][todo], float64),
+            "idx_in_zarr": number(np.arange(n_images), int64),
+            "diameter_arcsec": number(arcsec, float64),
+            "diameter_pixel": number(pixels, float64),
+            "processing_timestamp": number(np.full(n_images, time.time()), float64),
+            "tile": text(tiles),
+            "extraction_origin_x": number(windows.origin_x, int64),
+            "extraction_origin_y": number(windows.origin_y, int64),
+            "extraction_size": number(size, int64),
+            "pixel_scale_arcsec": number(scale * size / float(target), float64),
+            "valid_fraction": number(valid_fraction, float64),
+            "status": text(status[todo]),
+            "wcs_header": text(headers),
+            "bunit": text(_pixel_unit(reference, todo, cfg)),
+        }
     )
 
 
@@ -436,7 +488,7 @@ def _batch_index(name: str) -> int:
     return int(head) if head.isdigit() else -1
 
 
-def _process_to_zarr(batch_df: pd.DataFrame, cfg: Mapping, batch_dir: Path) -> BatchResult:
+def _process_to_zarr(batch: pa.Table, cfg: Mapping, batch_dir: Path) -> BatchResult:
     """Process a batch while streaming its images into ``batch_dir`` (atomic Zarr + Parquet)."""
     from .writers import ZarrShardWriter, _write_parquet, atomic_directory
 
@@ -444,15 +496,15 @@ def _process_to_zarr(batch_df: pd.DataFrame, cfg: Mapping, batch_dir: Path) -> B
     target = int(cfg["target_resolution"])
     out_dtype = np.uint8 if cfg.get("data_type", "float32") == "uint8" else np.float32
     with atomic_directory(batch_dir) as tmp:
-        writer = ZarrShardWriter(tmp, (target, target, n_channels), out_dtype, len(batch_df))
-        result = process_batch(batch_df, cfg, sink=writer.append)
-        if writer.close() != len(result.metadata):
+        writer = ZarrShardWriter(tmp, (target, target, n_channels), out_dtype, batch.num_rows)
+        result = process_batch(batch, cfg, sink=writer.append)
+        n_images = result.metadata_table.num_rows
+        if writer.close() != n_images:
             raise CutanaError(
-                f"internal error: {writer.count} images streamed for {len(result.metadata)} "
-                "metadata rows"
+                f"internal error: {writer.count} images streamed for {n_images} metadata rows"
             )
-        _write_parquet(result.metadata, tmp / "images_metadata.parquet")
-    result.images = _ZarrImages(batch_dir / "images.zarr" / "images", len(result.metadata))
+        _write_parquet(result.metadata_table, tmp / "images_metadata.parquet")
+    result.images = _ZarrImages(batch_dir / "images.zarr" / "images", n_images)
     return result
 
 
@@ -512,6 +564,8 @@ def run_batch(
         For Zarr output ``images`` is the written Zarr array (read lazily), as the images are
         streamed to disk chunk by chunk and never held in memory all at once.
     """
+    import pyarrow.parquet as pq
+
     from .config import validate_config
     from .writers import write_fits_batch
 
@@ -519,29 +573,31 @@ def run_batch(
     batch_path = Path(batch_path)
     batch_dir = Path(batch_dir)
     status_path = Path(status_path)
-    batch_df = pd.read_parquet(batch_path)
+    batch = arrow_tables.read_table(batch_path)
     zarr_output = cfg.get("output_format", "zarr") != "fits"
     if zarr_output:
-        result = _process_to_zarr(batch_df, cfg, batch_dir)
+        result = _process_to_zarr(batch, cfg, batch_dir)
     else:
-        result = process_batch(batch_df, cfg)
+        result = process_batch(batch, cfg)
 
-    index = result.index.copy()
-    batch_name = status_path.stem
-    index["batch_index"] = np.int64(_batch_index(batch_name))
-    has_image = index["idx_in_zarr"].to_numpy() >= 0
-    if cfg.get("output_format", "zarr") == "fits":
-        names = write_fits_batch(batch_dir, result.images, result.metadata, cfg)
-        files = np.full(len(index), "", dtype=object)
+    index = result.index_table
+    n_rows = index.num_rows
+    batch_number = np.full(n_rows, _batch_index(status_path.stem), dtype=np.int64)
+    index = index.append_column("batch_index", arrow_tables.numeric_array(batch_number, np.int64))
+    has_image = np.array(index["idx_in_zarr"].to_pylist(), dtype=np.int64) >= 0
+    if not zarr_output:
+        names = write_fits_batch(batch_dir, result.images, result.metadata_table, cfg)
+        files = np.full(n_rows, "", dtype=object)
         if names is not None:
             files[has_image] = [f"{batch_dir.name}/{Path(n).name}" for n in names]
-        index["fits_file"] = files.astype(str)
+        index = index.append_column("fits_file", arrow_tables.string_array(files))
     else:
-        index["zarr_file"] = np.where(has_image, f"{batch_dir.name}/images.zarr", "")
+        files = np.where(has_image, f"{batch_dir.name}/images.zarr", "")
+        index = index.append_column("zarr_file", arrow_tables.string_array(files))
 
     status_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = status_path.with_name(f"{status_path.name}.tmp-{os.getpid()}")
-    index.to_parquet(tmp, index=False)
+    pq.write_table(index, tmp)
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, status_path)

@@ -8,17 +8,15 @@ astropy's ``overlap_slices(large_shape, (S, S), (y, x), mode="partial")`` exactl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from .exceptions import CatalogueValidationError
 
 
-def stamp_sizes(
-    cat: pd.DataFrame, pixel_scales: np.ndarray, padding_factor: float = 1.0
-) -> np.ndarray:
+def stamp_sizes(cat, pixel_scales: np.ndarray, padding_factor: float = 1.0) -> np.ndarray:
     """Stamp side ``S`` in pixels for every source and band.
 
     ``S = diameter_pixel`` or ``round(diameter_arcsec / pixel_scale)``, then
@@ -27,9 +25,9 @@ def stamp_sizes(
 
     Parameters
     ----------
-    cat : DataFrame
+    cat : DataFrame or mapping of str to ndarray
         Rows with ``diameter_pixel`` and/or ``diameter_arcsec`` columns (nulls allowed where
-        the other column is set).
+        the other column is set); a mapping holds float arrays of equal length (NaN = null).
     pixel_scales : array_like, shape (B,) or (N, B)
         Pixel scale in arcsec of each band's image (per row when files differ between rows).
     padding_factor : float
@@ -44,7 +42,10 @@ def stamp_sizes(
     CatalogueValidationError
         If a row has no usable (positive, finite) size.
     """
-    n_rows = len(cat)
+    if isinstance(cat, Mapping):
+        n_rows = len(next(iter(cat.values()))) if cat else 0
+    else:
+        n_rows = len(cat)
     scales = np.asarray(pixel_scales, dtype=np.float64)
     if scales.ndim == 1:
         scales = np.broadcast_to(scales, (n_rows, scales.shape[0]))
@@ -53,7 +54,12 @@ def stamp_sizes(
     def column(name: str) -> np.ndarray:
         if name not in cat:
             return np.full(n_rows, np.nan)
-        return pd.to_numeric(cat[name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        values = cat[name]
+        if isinstance(values, np.ndarray):
+            return values.astype(np.float64, copy=False)
+        import pandas as pd  # a DataFrame column: pandas is loaded already
+
+        return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
     pixels = column("diameter_pixel")
     arcsec = column("diameter_arcsec")

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
@@ -147,7 +146,7 @@ def atomic_directory(batch_dir: str | os.PathLike) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_batch(images: np.ndarray, metadata_df: pd.DataFrame, writer: str) -> np.ndarray:
+def _check_batch(images: np.ndarray, metadata_df, writer: str) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4:
         raise CutanaError(
@@ -177,9 +176,11 @@ def shard_length(image_shape: Sequence[int], dtype: np.dtype, n_images: int) -> 
     return int(max(1, min(max(n_images, 1), SHARD_TARGET_BYTES // image_bytes)))
 
 
-def _write_parquet(metadata_df: pd.DataFrame, path: Path) -> None:
-    table = pa.Table.from_pandas(metadata_df.reset_index(drop=True), preserve_index=False)
-    pq.write_table(table, path)
+def _write_parquet(metadata, path: Path) -> None:
+    """Write a pyarrow Table or a DataFrame (its index left out) as Parquet."""
+    if not isinstance(metadata, pa.Table):
+        metadata = pa.Table.from_pandas(metadata.reset_index(drop=True), preserve_index=False)
+    pq.write_table(metadata, path)
 
 
 #: Blosc settings of the Zarr chunks. LZ4 with byte shuffle: measured on noisy float32 cutouts
@@ -354,7 +355,7 @@ def _write_json(path: Path, document: Mapping) -> None:
 def write_zarr_batch(
     batch_dir: str | os.PathLike,
     images: np.ndarray,
-    metadata_df: pd.DataFrame,
+    metadata_df,
     attributes: Mapping | None = None,
 ) -> Path:
     """Write a batch as ``images.zarr`` (Zarr v3) plus ``images_metadata.parquet``, atomically.
@@ -365,7 +366,7 @@ def write_zarr_batch(
         ``{output_dir}/batch_cutout_process_{batch}``; replaced as a whole if it exists.
     images : ndarray, shape (N, H, W, C)
         The cutouts, stored with their dtype. N may be 0.
-    metadata_df : DataFrame
+    metadata_df : DataFrame or pyarrow.Table
         N rows; row i describes image i (SPEC §7.1 columns).
     attributes : mapping, optional
         JSON-serialisable attributes stored on the Zarr group (e.g. channel names).
@@ -477,7 +478,7 @@ def _value(row: Mapping, key: str, default=None):
         return default
     if isinstance(value, float) and not math.isfinite(value):
         return default
-    if value is pd.NA or value is pd.NaT:
+    if type(value).__name__ in ("NAType", "NaTType"):  # pandas' missing values
         return default
     return value
 
@@ -532,7 +533,7 @@ def _bunit(row: Mapping, cfg: Mapping) -> str | None:
 def write_fits_batch(
     batch_dir: str | os.PathLike,
     images: np.ndarray,
-    metadata_df: pd.DataFrame,
+    metadata_df,
     cfg: Mapping,
     channel_names: Sequence[str] | None = None,
 ) -> list[str]:
@@ -543,7 +544,7 @@ def write_fits_batch(
     batch_dir : path-like
         ``{output_dir}/batch_cutout_process_{batch}``; replaced as a whole if it exists.
     images : ndarray, shape (N, H, W, C)
-    metadata_df : DataFrame
+    metadata_df : DataFrame or pyarrow.Table
         N rows (SPEC §7.1 columns); ``source_id`` names the file, ``wcs_header`` (FITS header
         text) gives each extension its WCS, an optional ``bunit`` column its BUNIT.
     cfg : mapping
@@ -572,7 +573,10 @@ def write_fits_batch(
             f"write_fits_batch: {len(names)} channel names {names!r} for {n_channels} channels; "
             "give one name per output channel"
         )
-    rows = metadata_df.reset_index(drop=True).to_dict("records")
+    if isinstance(metadata_df, pa.Table):
+        rows = metadata_df.to_pylist()
+    else:
+        rows = metadata_df.reset_index(drop=True).to_dict("records")
     used: set[str] = set()
     file_names = []
     batch_dir = Path(batch_dir)

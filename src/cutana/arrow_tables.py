@@ -1,0 +1,73 @@
+"""Columns in and out of Arrow tables without pandas, for the cutout job's start-up.
+
+pyarrow imports pandas (~0.25 s) the first time it converts between Arrow and Python or NumPy
+through ``pa.array``, ``pq.read_table`` or ``ChunkedArray.to_numpy``, only to recognise pandas
+objects. A cutout job has none, so it reads and writes its tables through the calls below, which
+build arrays from buffers and read values as Python lists. Where pandas is loaded anyway this
+changes nothing. ``tests/test_engine.py`` checks that a job's process never imports pandas.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def read_table(path: str | os.PathLike) -> pa.Table:
+    """Read a Parquet file (``pq.read_table`` without its pandas import)."""
+    return pq.ParquetFile(path).read()
+
+
+def float_column(table: pa.Table, name: str) -> np.ndarray:
+    """Column ``name`` as float64 (NaN for nulls and non-numbers; all NaN when absent)."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    values = []
+    for value in table[name].to_pylist():
+        try:
+            values.append(math.nan if value is None else float(value))
+        except (TypeError, ValueError):
+            values.append(math.nan)
+    return np.array(values, dtype=np.float64)
+
+
+def int_column(table: pa.Table, name: str) -> np.ndarray:
+    """Column ``name`` as int64 (no nulls allowed)."""
+    return np.array(table[name].to_pylist(), dtype=np.int64)
+
+
+def text_column(table: pa.Table, name: str) -> np.ndarray:
+    """Column ``name`` as an object array of str ("" for nulls)."""
+    return np.array(["" if v is None else str(v) for v in table[name].to_pylist()], dtype=object)
+
+
+def numeric_array(values: np.ndarray, dtype) -> pa.Array:
+    """An Arrow array of ``values`` (int64 or float64, no nulls) built from their buffer."""
+    values = np.ascontiguousarray(values, dtype=dtype)
+    arrow_type = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(values)])
+
+
+def string_array(values) -> pa.Array:
+    """An Arrow string array of ``values`` (each converted with ``str``)."""
+    encoded = [str(v).encode("utf-8") for v in values]
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = pa.py_buffer(b"".join(encoded))
+    if offsets[-1] < 2**31:
+        return pa.Array.from_buffers(
+            pa.string(), len(encoded), [None, pa.py_buffer(offsets.astype(np.int32)), data]
+        )
+    return pa.Array.from_buffers(
+        pa.large_string(), len(encoded), [None, pa.py_buffer(offsets), data]
+    )
+
+
+def table_of(columns: dict[str, pa.Array]) -> pa.Table:
+    """A table of named Arrow arrays, in order."""
+    return pa.Table.from_arrays(list(columns.values()), names=list(columns))
