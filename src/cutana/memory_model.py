@@ -33,9 +33,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Declared memory (MB) of a cutout job whose batch has no model entry (should not happen in a
 #: normal run: the workflow profiles before it creates cutout jobs).
@@ -176,6 +179,8 @@ def stamp_sizes(
 def _float_column(df: pd.DataFrame, name: str, n_rows: int) -> np.ndarray:
     if name not in df.columns:
         return np.full(n_rows, np.nan)
+    import pandas as pd  # here: the Snakemake process only reads models, without pandas
+
     return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
@@ -326,6 +331,8 @@ def scan_batches(
     batches_dir = Path(batches_dir)
     manifest = json.loads((batches_dir / "manifest.json").read_text(encoding="utf-8"))
     batches: dict[str, dict] = {}
+    import pandas as pd
+
     sample = pd.DataFrame()
     for entry in manifest["batches"]:
         table = pd.read_parquet(batches_dir / f"{entry['name']}.parquet")
@@ -561,6 +568,8 @@ def _child_main(argv: list[str]) -> None:
     module_name, function_name = runner.split(":")
     run_batch = getattr(importlib.import_module(module_name), function_name)
     cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    import pandas as pd
+
     result = _measure_runs(pd.read_parquet(sample_path), cfg, Path(scratch), run_batch, False)
     Path(result_path).write_text(json.dumps(result), encoding="utf-8")
 
