@@ -1,0 +1,109 @@
+"""Throughput of one cutout job's engine (``cutana.engine.run_batch``) on one core, warm.
+
+Takes the first ``--sources`` sources of tile 0 of the benchmark survey (made by
+``bench_pipeline.py``), sorted by (Dec, RA) as ``split_catalogue`` sorts a batch, writes them as
+a batch table and runs ``run_batch`` on it twice in this process (the first run pays imports and
+the page cache), for every cell of {64, 256} px x {1, 3} channels (asinh, float32, Zarr). Prints
+a Markdown table of sources per second of the second run, without Snakemake or process start-up:
+what a cutout job does once it has started. ``--profile`` prints cProfile's top functions too.
+
+Usage::
+
+    python benchmarks/bench_engine.py [--survey /tmp/bench_full/survey_2x8000_20000]
+                                      [--sources 2000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import cProfile
+import os
+import pstats
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from cutana.config import get_default_config
+from cutana.engine import run_batch
+
+BANDS = ["VIS", "NIR_Y", "NIR_H"]
+
+
+def batch_table(survey: Path, n_bands: int, n_sources: int, path: Path) -> int:
+    """Write the first sources of tile 0, sorted like a batch; return their number."""
+    frame = pd.read_csv(survey / f"catalogue_{n_bands}band.csv")
+    frame["fits_file_paths"] = frame["fits_file_paths"].map(ast.literal_eval)
+    first_file = frame["fits_file_paths"].iloc[0][0]
+    in_tile = frame["fits_file_paths"].map(lambda paths: paths[0]) == first_file
+    frame = frame[in_tile].sort_values(["Dec", "RA"]).head(n_sources).reset_index(drop=True)
+    frame["row_index"] = range(len(frame))
+    frame.to_parquet(path, index=False)
+    return len(frame)
+
+
+def run_cell(survey: Path, work: Path, resolution: int, n_bands: int, args) -> float:
+    batch = work / f"batch_{n_bands}.parquet"
+    n_sources = batch_table(survey, n_bands, args.sources, batch)
+    bands = BANDS[:n_bands]
+    cfg = get_default_config()
+    cfg.update(
+        {
+            "source_catalogue": str(survey / "catalogue.csv"),
+            "output_dir": str(work / "out"),
+            "target_resolution": resolution,
+            "normalisation_method": "asinh",
+            "data_type": "float32",
+            "output_format": "zarr",
+            "channel_weights": {
+                band: [1.0 if c == i else 0.0 for c in range(n_bands)]
+                for i, band in enumerate(bands)
+            },
+            "fits_extensions": ["PRIMARY"],
+        }
+    )
+
+    def once() -> float:
+        shutil.rmtree(work / "out", ignore_errors=True)
+        started = time.perf_counter()
+        run_batch(batch, work / "out" / "batch", work / "out" / "status.parquet", cfg)
+        return time.perf_counter() - started
+
+    once()  # warm-up: imports, page cache
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        seconds = once()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+    else:
+        seconds = once()
+    return n_sources / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--survey", type=Path, default=Path("/tmp/bench_full/survey_2x8000_20000"))
+    parser.add_argument("--sources", type=int, default=2000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if not (args.survey / "catalogue_1band.csv").exists():
+        parser.error(f"{args.survey} has no benchmark survey: run bench_pipeline.py first")
+    print(f"load {os.getloadavg()[0]:.1f}, {args.sources} sources per batch, one core")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for resolution in (64, 256):
+            for n_bands in (1, 3):
+                rate = run_cell(args.survey, Path(tmp), resolution, n_bands, args)
+                rows.append((resolution, n_bands, rate))
+    print("\n| cell | sources/s (run_batch, warm, one core) |\n|---|---|")
+    for resolution, n_bands, rate in rows:
+        print(f"| {resolution} px x {n_bands} ch | {rate:.0f} |")
+    print(f"\nload {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
