@@ -1,5 +1,8 @@
 """Columns in and out of Arrow tables without pandas, for the cutout job's start-up.
 
+The column readers also take a DataFrame, so callers handle both kinds of table alike.
+
+
 pyarrow imports pandas (~0.25 s) the first time it converts between Arrow and Python or NumPy
 through ``pa.array``, ``pq.read_table`` or ``ChunkedArray.to_numpy``, only to recognise pandas
 objects. A cutout job has none, so it reads and writes its tables through the calls below, which
@@ -22,8 +25,19 @@ def read_table(path: str | os.PathLike) -> pa.Table:
     return pq.ParquetFile(path).read()
 
 
-def float_column(table: pa.Table, name: str) -> np.ndarray:
-    """Column ``name`` as float64 (NaN for nulls and non-numbers; all NaN when absent)."""
+def float_column(table, name: str) -> np.ndarray:
+    """Column ``name`` of a pyarrow Table or a DataFrame as float64.
+
+    NaN for nulls and values that are no number; all NaN when the column is absent.
+    """
+    if not isinstance(table, pa.Table):  # a DataFrame: pandas is loaded by whoever made it
+        import pandas as pd
+
+        if name not in table:
+            return np.full(len(table), np.nan)
+        return pd.to_numeric(table[name], errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan
+        )
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan)
     values = []
@@ -35,14 +49,34 @@ def float_column(table: pa.Table, name: str) -> np.ndarray:
     return np.array(values, dtype=np.float64)
 
 
-def int_column(table: pa.Table, name: str) -> np.ndarray:
-    """Column ``name`` as int64 (no nulls allowed)."""
-    return np.array(table[name].to_pylist(), dtype=np.int64)
+def int_column(table, name: str) -> np.ndarray:
+    """Column ``name`` of a pyarrow Table or a DataFrame as int64 (no nulls allowed)."""
+    return np.array(values_of(table, name), dtype=np.int64)
 
 
-def text_column(table: pa.Table, name: str) -> np.ndarray:
-    """Column ``name`` as an object array of str ("" for nulls)."""
-    return np.array(["" if v is None else str(v) for v in table[name].to_pylist()], dtype=object)
+def text_column(table, name: str) -> np.ndarray:
+    """Column ``name`` of a pyarrow Table or a DataFrame as an object array of str.
+
+    Nulls of an Arrow table become ""; a DataFrame's values are converted with ``str``.
+    """
+    return np.array(["" if v is None else str(v) for v in values_of(table, name)], dtype=object)
+
+
+def values_of(table, name: str) -> list:
+    """Column ``name`` of a pyarrow Table or a DataFrame as a list of Python values."""
+    if isinstance(table, pa.Table):
+        return table[name].to_pylist()
+    return table[name].tolist()
+
+
+def has_column(table, name: str) -> bool:
+    """Whether a pyarrow Table or a DataFrame has column ``name``."""
+    return name in (table.column_names if isinstance(table, pa.Table) else table.columns)
+
+
+def n_rows(table) -> int:
+    """Rows of a pyarrow Table or a DataFrame."""
+    return table.num_rows if isinstance(table, pa.Table) else len(table)
 
 
 def numeric_array(values: np.ndarray, dtype) -> pa.Array:

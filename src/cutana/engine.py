@@ -126,42 +126,22 @@ def _batch_columns(batch) -> dict:
     ``row_index`` int64 (the position when absent), ``SourceID`` and ``tile`` (None when
     absent) as object arrays of str, ``fits_file_paths`` as a list of lists.
     """
-    numeric = ("RA", "Dec", "diameter_pixel", "diameter_arcsec")
-    if isinstance(batch, pa.Table):
-        n_rows = batch.num_rows
-        columns = {name: arrow_tables.float_column(batch, name) for name in numeric}
-        names = batch.column_names
-        columns["row_index"] = (
-            arrow_tables.int_column(batch, "row_index") if "row_index" in names else None
-        )
-        columns["SourceID"] = arrow_tables.text_column(batch, "SourceID")
-        columns["tile"] = arrow_tables.text_column(batch, "tile") if "tile" in names else None
-        columns["fits_file_paths"] = batch["fits_file_paths"].to_pylist()
-    else:  # a DataFrame: pandas is loaded by whoever made it
-        import pandas as pd
-
-        frame = batch.reset_index(drop=True)
-        n_rows = len(frame)
-        columns = {
-            name: (
-                pd.to_numeric(frame[name], errors="coerce").to_numpy(
-                    dtype=np.float64, na_value=np.nan
-                )
-                if name in frame
-                else np.full(n_rows, np.nan)
-            )
-            for name in numeric
-        }
-        columns["row_index"] = (
-            frame["row_index"].to_numpy(dtype=np.int64) if "row_index" in frame else None
-        )
-        columns["SourceID"] = frame["SourceID"].astype(str).to_numpy(dtype=object)
-        columns["tile"] = (
-            frame["tile"].astype(str).to_numpy(dtype=object) if "tile" in frame else None
-        )
-        columns["fits_file_paths"] = frame["fits_file_paths"].tolist()
-    if columns["row_index"] is None:
-        columns["row_index"] = np.arange(n_rows, dtype=np.int64)
+    if not isinstance(batch, pa.Table):
+        batch = batch.reset_index(drop=True)
+    columns = {
+        name: arrow_tables.float_column(batch, name)
+        for name in ("RA", "Dec", "diameter_pixel", "diameter_arcsec")
+    }
+    columns["row_index"] = (
+        arrow_tables.int_column(batch, "row_index")
+        if arrow_tables.has_column(batch, "row_index")
+        else np.arange(arrow_tables.n_rows(batch), dtype=np.int64)
+    )
+    columns["SourceID"] = arrow_tables.text_column(batch, "SourceID")
+    columns["tile"] = (
+        arrow_tables.text_column(batch, "tile") if arrow_tables.has_column(batch, "tile") else None
+    )
+    columns["fits_file_paths"] = arrow_tables.values_of(batch, "fits_file_paths")
     return columns
 
 

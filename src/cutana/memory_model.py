@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import arrow_tables
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -155,12 +157,11 @@ def stamp_sizes(
     ndarray of int64, shape (N, B)
         At least 1 pixel each.
     """
-    n_rows = len(batch_df)
     extensions = _band_extensions(cfg)
     n_bands = len(extensions)
     padding = float(cfg["padding_factor"])
-    pixels = _float_column(batch_df, "diameter_pixel", n_rows)
-    arcsec = _float_column(batch_df, "diameter_arcsec", n_rows)
+    pixels = arrow_tables.float_column(batch_df, "diameter_pixel")
+    arcsec = arrow_tables.float_column(batch_df, "diameter_arcsec")
     sizes = np.repeat(pixels[:, None], n_bands, axis=1)
     need_scale = np.flatnonzero(~np.isfinite(pixels))
     if need_scale.size:
@@ -174,14 +175,6 @@ def stamp_sizes(
                 sizes[row, band] = np.round(arcsec[row] / cache[key])
     sizes = np.round(np.nan_to_num(sizes, nan=1.0) * padding)
     return np.maximum(sizes, 1).astype(np.int64)
-
-
-def _float_column(df: pd.DataFrame, name: str, n_rows: int) -> np.ndarray:
-    if name not in df.columns:
-        return np.full(n_rows, np.nan)
-    import pandas as pd  # here: the Snakemake process only reads models, without pandas
-
-    return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def source_workloads(sizes: np.ndarray, cfg: Mapping) -> np.ndarray:
