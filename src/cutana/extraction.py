@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import arrow_tables
 from .exceptions import CatalogueValidationError
 
 
@@ -52,14 +53,11 @@ def stamp_sizes(cat, pixel_scales: np.ndarray, padding_factor: float = 1.0) -> n
     n_bands = scales.shape[1]
 
     def column(name: str) -> np.ndarray:
+        if not isinstance(cat, Mapping):  # a DataFrame or a pyarrow Table
+            return arrow_tables.float_column(cat, name)
         if name not in cat:
             return np.full(n_rows, np.nan)
-        values = cat[name]
-        if isinstance(values, np.ndarray):
-            return values.astype(np.float64, copy=False)
-        import pandas as pd  # a DataFrame column: pandas is loaded already
-
-        return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        return np.asarray(cat[name], dtype=np.float64)
 
     pixels = column("diameter_pixel")
     arcsec = column("diameter_arcsec")
