@@ -3,7 +3,7 @@
 import shutil
 from pathlib import Path
 
-from script_logging import logged_step
+from script_logging import exit_without_teardown, logged_step
 
 from cutana.engine import run_batch
 
@@ -19,3 +19,6 @@ with logged_step(smk.log[0], smk.config["log_level"], "cutout_batch") as log:
     # Recorded so the declared memory can be checked against the measured peak (benchmark).
     log.info("declared resources: mem_mb=%s", smk.resources.mem_mb)
     run_batch(smk.input.batch, smk.output.batch_dir, smk.output.status, dict(smk.config))
+
+# The batch folder and the status file are written, fsynced and renamed into place.
+exit_without_teardown()

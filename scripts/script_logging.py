@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,3 +57,17 @@ def logged_step(log_path: str, level_name: str, step: str) -> Iterator[logging.L
         handler.flush()
         root.removeHandler(handler)
         handler.close()
+
+
+def exit_without_teardown() -> None:
+    """End the job's process at once, after its outputs are complete on disk.
+
+    Python's shutdown frees every module and object one by one, ~0.2 s for a job that imported
+    numpy, astropy, pyarrow and OpenCV: a fifth of a 1000-source 64 px job. Call this only
+    when every output file is closed (their data is then in the kernel, which a process exit
+    cannot lose); the cutout outputs are also fsynced and renamed into place before.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -325,3 +325,49 @@ def test_cutout_job_process_never_imports_pandas(tmp_path, write_fits, make_wcs,
     assert done.stdout.strip() == "False"
     status = pd.read_parquet(tmp_path / "out" / "s.parquet")
     assert list(status["status"]) == ["ok", "no_overlap", "partial"]
+
+
+_ALLOCATION_CYCLES = """
+import ctypes, resource, sys
+from cutana.engine import keep_freed_memory_for_reuse
+applied = keep_freed_memory_for_reuse() if sys.argv[1] == "tuned" else None
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 16 * 1024 * 1024
+for cycle in range(3):  # a chunk's arrays: allocated and filled together, then all freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [libc.malloc(size) for _ in range(8)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in blocks:
+        libc.free(block)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(applied, faults)
+"""
+
+
+@pytest.mark.skipif(
+    __import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's interface"
+)
+def test_cutout_job_reuses_freed_memory_instead_of_faulting_it_in_again():
+    """After keep_freed_memory_for_reuse (run_batch calls it), the 128 MB that one chunk's
+    arrays freed serve the next chunk; by default glibc hands the top of its heap back to the
+    kernel and every page is faulted in (and zeroed) again."""
+    import subprocess
+    import sys
+
+    def third_cycle(mode):
+        done = subprocess.run(
+            [sys.executable, "-c", _ALLOCATION_CYCLES, mode], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        applied, faults = done.stdout.split()
+        return applied, int(faults)
+
+    pages = 8 * 16 * 1024 * 1024 // 4096
+    assert third_cycle("default")[1] >= pages // 2
+    applied, faults = third_cycle("tuned")
+    assert applied == "True"
+    assert faults < pages // 20

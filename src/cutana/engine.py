@@ -64,6 +64,14 @@ CHUNK_BYTES = 64 * 1024 * 1024
 #: one file are cut in groups of at most this much, whatever the batch size.
 GROUP_BYTES = 32 * 1024 * 1024
 
+#: glibc ``mallopt`` parameters (malloc.h) and the values a cutout job sets, see
+#: :func:`keep_freed_memory_for_reuse`.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Arrays up to this size come from the heap (glibc's largest allowed value on 64-bit).
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+#: Freed heap memory up to this size is kept by the process instead of handed back.
+TRIM_THRESHOLD_BYTES = 512 * 1024 * 1024
+
 
 class BatchResult:
     """Output of :func:`process_batch`.
@@ -488,6 +496,39 @@ def _process_to_zarr(batch: pa.Table, cfg: Mapping, batch_dir: Path) -> BatchRes
     return result
 
 
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc's malloc keep freed memory for the next chunk instead of handing it back.
+
+    A chunk's arrays (stamp groups, resampled stacks, mixed and normalised images) are alive
+    together and then freed together. By default glibc then returns the top of its heap to the
+    kernel (and maps larger arrays anew each time), so the next chunk's pages are faulted in and
+    zeroed by the kernel again: ~40 % of a 256 px x 3 channel job's system time. Serving arrays
+    up to :data:`MMAP_THRESHOLD_BYTES` from the heap and trimming it only past
+    :data:`TRIM_THRESHOLD_BYTES` reuses them. The peak RSS stays the same (the same arrays are
+    alive at once); memory already freed is only held until the job ends. Measured on a
+    1000-source 256 px x 3 channel batch in a fresh process: ``run_batch`` 3.9-4.1 s -> 2.9-3.4
+    s, system time 1.4 -> 0.5-0.9 s, peak RSS 390 -> 392 MB.
+
+    Returns
+    -------
+    bool
+        True when the settings were applied (glibc), False elsewhere (nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False  # no mallopt (e.g. macOS): keep the platform's default
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    applied_mmap = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    applied_trim = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    return bool(applied_mmap and applied_trim)
+
+
 class _ZarrImages:
     """The images of a written Zarr batch, opened only when used (Zarr costs ~0.4 s to import).
 
@@ -550,6 +591,7 @@ def run_batch(
     from .writers import write_fits_batch
 
     cfg = validate_config(cfg, warn_unknown=False)
+    keep_freed_memory_for_reuse()
     batch_path = Path(batch_path)
     batch_dir = Path(batch_dir)
     status_path = Path(status_path)
