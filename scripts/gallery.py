@@ -3,7 +3,7 @@
 import json
 import os
 
-from script_logging import logged_step
+from script_logging import exit_without_teardown, logged_step
 
 from cutana.gallery import make_gallery
 from cutana.index import merge_status_tables
@@ -18,3 +18,6 @@ with logged_step(smk.log[0], smk.config["log_level"], "gallery") as log:
     index_df = merge_status_tables(list(smk.input.status), total_rows, config)
     make_gallery(smk.params.output_dir, index_df, config, smk.params.n_samples)
     log.info("gallery of up to %d sources written", smk.params.n_samples)
+
+# Every output is closed (written to a temporary name and renamed into place).
+exit_without_teardown()

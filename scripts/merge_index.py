@@ -3,7 +3,7 @@
 import json
 import os
 
-from script_logging import logged_step
+from script_logging import exit_without_teardown, logged_step
 
 from cutana.index import merge_index
 
@@ -31,3 +31,6 @@ with logged_step(smk.log[0], smk.config["log_level"], "merge_index") as log:
         benchmark_paths=benchmark_paths,
     )
     log.info("written: %s", written)
+
+# Every output is closed (written to a temporary name and renamed into place).
+exit_without_teardown()

@@ -1,6 +1,6 @@
 """Snakemake adapter of checkpoint profile_memory: measure a sample batch, write the model."""
 
-from script_logging import logged_step
+from script_logging import exit_without_teardown, logged_step
 
 from cutana.memory_model import build_memory_model
 
@@ -17,3 +17,6 @@ with logged_step(smk.log[0], smk.config["log_level"], "profile_memory") as log:
         model["sample"]["n_sources"],
         model["sample"]["peak_mb"],
     )
+
+# Every output is closed (written to a temporary name and renamed into place).
+exit_without_teardown()

@@ -8,7 +8,7 @@ the catalogue is read once, not twice.
 
 from pathlib import Path
 
-from script_logging import logged_step
+from script_logging import exit_without_teardown, logged_step
 
 from cutana.catalogue import split_catalogue
 
@@ -23,3 +23,6 @@ with logged_step(smk.log[0], smk.config["log_level"], "split_catalogue") as log:
         len(manifest["batches"]),
         len(manifest["tiles"]),
     )
+
+# Every output is closed (written to a temporary name and renamed into place).
+exit_without_teardown()

@@ -137,8 +137,8 @@ def test_scan_batches_records_every_batch_and_samples_the_largest_sources(tmp_pa
         "workload": float(100 + 90000 + 400 + 3 * output_units),
     }
     assert set(batches) == {"00000_0000000000", "00001_0000000001", "00002_0000000002"}
-    assert sample["diameter_pixel"].tolist() == [300, 250, 40]
-    assert sample["row_index"].tolist() == [1, 3, 5]
+    assert sample["diameter_pixel"].to_pylist() == [300, 250, 40]
+    assert sample["row_index"].to_pylist() == [1, 3, 5]
 
 
 FAKE_RUNNER = textwrap.dedent(
@@ -323,3 +323,45 @@ def test_in_process_measurement_resets_the_peak_before_each_run(tmp_path, monkey
     peaks = [p["peak_mb"] for p in model["sample"]["points"]]
     assert peaks == sorted(peaks)
     assert peaks[-1] - peaks[0] > 0.8 * 18 * 40256 * 256 / 2**20
+
+
+def test_profiling_job_process_never_imports_pandas(tmp_path, make_wcs):
+    """The profiling job scans every batch and runs its sample in its own process; pandas
+    (~0.25 s to import) must not be part of that fixed cost of every run."""
+    import subprocess
+
+    from conftest import write_image
+
+    rng = np.random.default_rng(3)
+    shape = (400, 400)
+    wcs = make_wcs(shape, ra=10.0, dec=-5.0, scale_arcsec=0.3)
+    image = write_image(tmp_path / "a.fits", rng.normal(size=shape).astype(np.float32), wcs)
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    entries = []
+    for index, diameters in enumerate([[20, 40, 30], [50, 10], [60, 15]]):
+        ra, dec = wcs.all_pix2world(rng.uniform(50, 350, len(diameters)), [200] * len(diameters), 0)
+        frame = batch_frame(diameters, paths=(str(image),))
+        frame["RA"], frame["Dec"] = ra, dec
+        name = f"{index:05d}_{index:010x}"
+        frame.to_parquet(batches / f"{name}.parquet", index=False)
+        entries.append({"name": name, "index": index, "n_sources": len(frame), "tile": "t0"})
+    manifest = {"total_rows": 7, "batches": entries, "tiles": {"t0": [str(image)]}}
+    (batches / "manifest.json").write_text(json.dumps(manifest))
+    cfg = make_config(channel_weights={"A": [1.0]}, memory={"profile_sources": 5})
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    script = (
+        "import json, sys\n"
+        "from cutana.memory_model import build_memory_model\n"
+        f"cfg = json.load(open({str(tmp_path / 'cfg.json')!r}))\n"
+        f"model = build_memory_model({str(batches)!r}, cfg, {str(tmp_path / 'm.json')!r}, "
+        f"{str(tmp_path / 'scratch')!r})\n"
+        "print(json.dumps(['pandas' in sys.modules, model['sample']['n_sources'], "
+        "sorted(model['batches'])]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    imported_pandas, n_sample, names = json.loads(done.stdout)
+    assert not imported_pandas
+    assert n_sample == 5
+    assert names == ["00000_0000000000", "00001_0000000001", "00002_0000000002"]
