@@ -464,6 +464,7 @@ def main(argv=None):
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    compile_cutana()
     survey = make_survey(workdir, args)
     upstream = ensure_upstream(args.upstream_python) if args.with_upstream else None
 
@@ -493,6 +494,20 @@ def main(argv=None):
     if rows:
         print_matrix(rows, upstream, args)
     print_extras(overhead, scale_rows, mosaic_rows, args)
+
+
+def compile_cutana() -> None:
+    """Write the bytecode of cutana's modules, as a regular ``pip install`` does.
+
+    An editable install under ``PYTHONDONTWRITEBYTECODE=1`` (set on the benchmark machine)
+    never caches it, so every job would compile the modules it imports (~0.05 s), a cost
+    neither a regular install nor upstream's venv pays.
+    """
+    import compileall
+
+    import cutana
+
+    compileall.compile_dir(str(Path(cutana.__file__).parent), quiet=1)
 
 
 def print_matrix(rows, upstream, args) -> None:
