@@ -18,7 +18,14 @@ with logged_step(smk.log[0], smk.config["log_level"], "cutout_batch") as log:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     # Recorded so the declared memory can be checked against the measured peak (benchmark).
     log.info("declared resources: mem_mb=%s", smk.resources.mem_mb)
-    run_batch(smk.input.batch, smk.output.batch_dir, smk.output.status, dict(smk.config))
+    # The Snakefile validated and completed the config before any job was created.
+    run_batch(
+        smk.input.batch,
+        smk.output.batch_dir,
+        smk.output.status,
+        dict(smk.config),
+        config_validated=True,
+    )
 
 # The batch folder and the status file are written, fsynced and renamed into place.
 exit_without_teardown()

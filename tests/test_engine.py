@@ -299,7 +299,8 @@ def test_read_error_fails_only_that_files_sources(tmp_path, write_fits, make_wcs
 @pytest.mark.parametrize("output_format", ["zarr", "fits"])
 def test_cutout_job_process_never_imports_pandas(tmp_path, write_fits, make_wcs, output_format):
     """pyarrow imports pandas (~0.25 s) on its first ordinary conversion; a cutout job must not
-    pay that, so run_batch reads and writes its tables through cutana.arrow_tables."""
+    pay that, so run_batch reads and writes its tables through cutana.arrow_tables. Given a
+    config the workflow already validated, it does not import jsonschema either."""
     import json
     import subprocess
     import sys
@@ -317,12 +318,12 @@ def test_cutout_job_process_never_imports_pandas(tmp_path, write_fits, make_wcs,
         "from cutana.engine import run_batch\n"
         f"cfg = json.load(open({str(tmp_path / 'cfg.json')!r}))\n"
         f"run_batch({str(batch_path)!r}, {str(tmp_path / 'out' / 'b')!r}, "
-        f"{str(tmp_path / 'out' / 's.parquet')!r}, cfg)\n"
-        "print('pandas' in sys.modules)\n"
+        f"{str(tmp_path / 'out' / 's.parquet')!r}, cfg, config_validated=True)\n"
+        "print('pandas' in sys.modules, 'jsonschema' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert done.stdout.split() == ["False", "False"]
     status = pd.read_parquet(tmp_path / "out" / "s.parquet")
     assert list(status["status"]) == ["ok", "no_overlap", "partial"]
 
