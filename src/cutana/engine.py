@@ -31,9 +31,8 @@ from . import arrow_tables
 from .config import band_extensions
 from .exceptions import CutanaError
 from .extraction import StampWindows, extract_stamps, stamp_sizes, stamp_windows
-from .fits_io import ImageCache, zeropoint
+from .fits_io import LAYOUTS_METADATA_KEY, POSITION_COLUMNS, ImageCache, zeropoint
 from .flux import flux_conversion_factor
-from .wcs_utils import CutoutHeaderTemplate
 
 #: Columns of ``BatchResult.metadata`` (SPEC §7.1), in order.
 METADATA_COLUMNS = [
@@ -169,6 +168,30 @@ def _paths_per_band(columns: dict, n_bands: int) -> np.ndarray:
     return paths
 
 
+def _precomputed_layouts(batch, n_bands: int) -> tuple[list[dict], np.ndarray | None]:
+    """The batch's image layouts and (N, B, 2) pixel positions made by ``split_catalogue``.
+
+    Returns ``([], None)`` when the batch has none (a DataFrame, an older batch, or a tile
+    whose files could not be described), so every image is opened with astropy.
+    """
+    if not isinstance(batch, pa.Table) or not all(
+        name in batch.column_names for name in POSITION_COLUMNS
+    ):
+        return [], None
+    metadata = batch.schema.metadata or {}
+    if LAYOUTS_METADATA_KEY not in metadata:
+        return [], None
+    import json
+
+    layouts = [layout for layout in json.loads(metadata[LAYOUTS_METADATA_KEY]) if layout]
+    positions = np.full((batch.num_rows, n_bands, 2), np.nan)
+    for axis, name in enumerate(POSITION_COLUMNS):
+        for row, values in enumerate(batch[name].to_pylist()):
+            if values is not None and len(values) == n_bands:
+                positions[row, :, axis] = [np.nan if v is None else v for v in values]
+    return layouts, positions
+
+
 def _plan_band(
     columns: dict,
     band_paths: np.ndarray,
@@ -176,8 +199,14 @@ def _plan_band(
     cfg: Mapping,
     cache: ImageCache,
     reasons: list[str],
+    positions: np.ndarray | None = None,
 ) -> _BandPlan:
-    """Open the band's files and compute every source's window (one WCS call per file)."""
+    """Open the band's files and compute every source's window (one WCS call per file).
+
+    ``positions`` (N, 2), when given, are the sources' pixel positions in this band computed by
+    ``split_catalogue``; they are used for the files mapped from their layouts (which have no
+    WCS object), the others' positions come from their WCS.
+    """
     n_rows = len(band_paths)
     ra, dec = columns["RA"], columns["Dec"]
     diameters = {k: columns[k] for k in ("diameter_pixel", "diameter_arcsec")}
@@ -197,7 +226,12 @@ def _plan_band(
             if convert:
                 factor = flux_conversion_factor(zeropoint(handle.header, zp_keyword, path))
                 flux_factor[rows] = factor
-            xs, ys = handle.wcs.all_world2pix(ra[rows], dec[rows], 0, quiet=True)
+            if handle.wcs is None:  # mapped from the layout the split made with this WCS
+                if positions is None:
+                    raise CutanaError("internal error: an image layout without positions")
+                xs, ys = positions[rows, 0], positions[rows, 1]
+            else:
+                xs, ys = handle.wcs.all_world2pix(ra[rows], dec[rows], 0, quiet=True)
             sizes[rows] = stamp_sizes(
                 {k: v[rows] for k, v in diameters.items()},
                 np.array([handle.pixel_scale_arcsec]),
@@ -325,9 +359,18 @@ def process_batch(batch, cfg: Mapping, sink=None) -> BatchResult:
     paths = _paths_per_band(columns, n_bands)
     reasons = [""] * n_rows
 
-    with ImageCache() as cache:
+    layouts, positions = _precomputed_layouts(batch, n_bands)
+    with ImageCache(layouts) as cache:
         plans = [
-            _plan_band(columns, paths[:, b], extensions[b], cfg, cache, reasons)
+            _plan_band(
+                columns,
+                paths[:, b],
+                extensions[b],
+                cfg,
+                cache,
+                reasons,
+                None if positions is None else positions[:, b],
+            )
             for b in range(n_bands)
         ]
         failed = np.array([bool(r) for r in reasons], dtype=bool)
@@ -418,7 +461,7 @@ def _metadata(
     headers = []
     # One header template per file: the text of each cutout is the parent's with a few values
     # changed (CRPIX, CD/PC, SIP), ~50x faster than serialising a WCS per cutout.
-    templates: dict[str, CutoutHeaderTemplate] = {}
+    templates: dict = {}
     origin_x = windows.origin_x.tolist()
     origin_y = windows.origin_y.tolist()
     for k, row in enumerate(todo.tolist()):
@@ -429,7 +472,7 @@ def _metadata(
             continue
         template = templates.get(path)
         if template is None:
-            template = templates[path] = CutoutHeaderTemplate(handle.wcs)
+            template = templates[path] = handle.cutout_header_template()
         headers.append(template.text(origin_x[k], origin_y[k], target / float(size[k])))
     tiles = columns["tile"][todo] if columns["tile"] is not None else [""] * len(todo)
     n_images = len(todo)

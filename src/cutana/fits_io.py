@@ -11,6 +11,11 @@ Survey mosaics can be many GB, so an image is never read whole:
 Files are opened with ``do_not_scale_image_data=True`` and ``BSCALE``/``BZERO``/``BLANK`` are
 applied here to the window only: astropy refuses to scale a memory-mapped image lazily, and
 letting it scale would materialise the whole image as floating point.
+
+astropy is imported only when a file is opened through it (:func:`open_image`). A cutout job
+whose batch carries each image's layout (made by ``split_catalogue`` with :func:`image_layout`)
+maps the pixels with :func:`map_image` instead and never imports astropy (~0.5 s of a job's
+start-up); a layout that no longer matches its file (size or modification time) is not used.
 """
 
 from __future__ import annotations
@@ -21,15 +26,17 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from astropy.io import fits
-from astropy.io.fits.verify import VerifyWarning
-from astropy.utils.exceptions import AstropyWarning
-from astropy.wcs import WCS, FITSFixedWarning
-from astropy.wcs.utils import proj_plane_pixel_scales
 
 from .exceptions import FitsValidationError
+
+if TYPE_CHECKING:
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from .wcs_utils import CutoutHeaderTemplate
 
 # FITS files are written in blocks of 2880 bytes; the last block of a data unit is padded.
 _FITS_BLOCK = 2880
@@ -135,6 +142,8 @@ def _select_hdu(hdul: fits.HDUList, extension: str | int, path: Path):
 
 def _data_end_offset(hdu) -> int | None:
     """Byte offset where the HDU's data must end (without padding), or None if unknown."""
+    from astropy.io import fits
+
     info = hdu.fileinfo()
     if info is None:
         return None
@@ -161,12 +170,14 @@ class ImageHandle:
         The HDU as requested (name or index).
     shape : tuple of int
         ``(ny, nx)`` of the image (numpy order).
-    wcs : astropy.wcs.WCS
-        The celestial WCS of the image (2 pixel axes).
+    wcs : astropy.wcs.WCS or None
+        The celestial WCS of the image (2 pixel axes); None for an image mapped from its
+        layout (:func:`map_image`), whose positions were computed when the layout was made.
     pixel_scale_arcsec : float
         Mean side of a pixel on the sky in arcsec (from ``proj_plane_pixel_scales``).
-    header : astropy.io.fits.Header
-        The HDU's header (for compressed images: the image header).
+    header : astropy.io.fits.Header or dict
+        The HDU's header (for compressed images: the image header); for a mapped image, a dict
+        of the keywords its layout kept (the flux zero point).
     bunit : str or None
         The ``BUNIT`` keyword, if present.
     """
@@ -174,12 +185,16 @@ class ImageHandle:
     path: Path
     extension: str | int
     shape: tuple[int, int]
-    wcs: WCS
+    wcs: WCS | None
     pixel_scale_arcsec: float
-    header: fits.Header
+    header: fits.Header | dict
     bunit: str | None
-    _hdul: fits.HDUList = field(repr=False)
+    _hdul: fits.HDUList | None = field(repr=False)
     _hdu: object = field(repr=False)
+    _data: np.ndarray | None = field(repr=False, default=None)  # the memory map (uncompressed)
+    _compressed: bool = field(repr=False, default=False)
+    _template_state: dict | None = field(repr=False, default=None)
+    _template: CutoutHeaderTemplate | None = field(repr=False, default=None)
     _leading_index: tuple[int, ...] = field(repr=False, default=())
     _bscale: float = field(repr=False, default=1.0)
     _bzero: float = field(repr=False, default=0.0)
@@ -191,7 +206,24 @@ class ImageHandle:
     @property
     def compressed(self) -> bool:
         """True when the image is tile-compressed (read through ``section``)."""
-        return isinstance(self._hdu, fits.CompImageHDU)
+        return self._compressed
+
+    def _pixels(self) -> np.ndarray:
+        """The image array (a memory map; astropy's is made on first use, as before)."""
+        if self._data is None and self._hdu is not None and not self._compressed:
+            self._data = self._hdu.data
+        return self._data
+
+    def cutout_header_template(self) -> CutoutHeaderTemplate:
+        """The :class:`~cutana.wcs_utils.CutoutHeaderTemplate` of this image (made once)."""
+        from .wcs_utils import CutoutHeaderTemplate
+
+        if self._template is None:
+            if self._template_state is not None:
+                self._template = CutoutHeaderTemplate.from_state(self._template_state)
+            else:
+                self._template = CutoutHeaderTemplate(self.wcs)
+        return self._template
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Read the window ``[y0:y1, x0:x1]`` as float32 (scaled, BLANK -> NaN).
@@ -224,7 +256,7 @@ class ImageHandle:
                     self._blocks = _BlockCache(self._hdu, self._hdu.shape, self._leading_index)
                 raw = self._blocks.read(y0, y1, x0, x1)
             else:
-                raw = self._hdu.data[key]
+                raw = self._pixels()[key]
             raw = np.asarray(raw)
         except Exception as error:
             raise FitsValidationError(
@@ -258,7 +290,7 @@ class ImageHandle:
             self._account_pages(y0, y1, x0, x1)
         if plain:
             try:
-                raw = self._hdu.data[self._leading_index + (slice(y0, y1), slice(x0, x1))]
+                raw = self._pixels()[self._leading_index + (slice(y0, y1), slice(x0, x1))]
             except Exception:  # noqa: BLE001 - read() reports the error with its message
                 plain = False
             else:
@@ -294,7 +326,10 @@ class ImageHandle:
         process's claim on them goes. A no-op for compressed images and where ``madvise`` is
         unavailable.
         """
-        mapping = getattr(getattr(self._hdul, "_file", None), "_mmap", None)
+        if self._hdul is not None:
+            mapping = getattr(getattr(self._hdul, "_file", None), "_mmap", None)
+        else:
+            mapping = getattr(self._data, "_mmap", None)
         self._mapped_pages = 0
         if self._page_map is not None:
             self._page_map[...] = False
@@ -308,7 +343,9 @@ class ImageHandle:
     def close(self) -> None:
         """Close the file (and its memory map) and drop cached blocks."""
         self._blocks = None
-        self._hdul.close()
+        self._data = None
+        if self._hdul is not None:
+            self._hdul.close()
 
     def __enter__(self) -> ImageHandle:
         return self
@@ -318,6 +355,9 @@ class ImageHandle:
 
 
 def _celestial_wcs(header: fits.Header, hdul: fits.HDUList, path: Path, extension) -> WCS:
+    from astropy.utils.exceptions import AstropyWarning
+    from astropy.wcs import WCS, FITSFixedWarning
+
     with warnings.catch_warnings():
         # Non-standard but harmless keywords (e.g. RADECSYS, DATE-OBS fixes) are common.
         warnings.simplefilter("ignore", FITSFixedWarning)
@@ -364,6 +404,11 @@ def open_image(path: str | os.PathLike, extension: str | int = "PRIMARY") -> Ima
         If the file is missing, not FITS, truncated, the extension is missing, holds no 2-D
         image, or has no celestial WCS.
     """
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyWarning
+    from astropy.utils.exceptions import AstropyWarning
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
     path = Path(path)
     if not path.is_file():
         raise FitsValidationError(
@@ -424,6 +469,7 @@ def open_image(path: str | os.PathLike, extension: str | int = "PRIMARY") -> Ima
             bunit=str(bunit) if bunit is not None else None,
             _hdul=hdul,
             _hdu=hdu,
+            _compressed=isinstance(hdu, fits.CompImageHDU),
             _leading_index=(0,) * len(extra),
             _bscale=float(header.get("BSCALE", 1.0)),
             _bzero=float(header.get("BZERO", 0.0)),
@@ -437,6 +483,119 @@ def open_image(path: str | os.PathLike, extension: str | int = "PRIMARY") -> Ima
         raise FitsValidationError(
             f"FITS file {path} [{extension}]: cannot be used: {error}. Fix: check the file."
         ) from error
+
+
+#: Version of the layout dicts of :func:`image_layout` (a job ignores other versions).
+LAYOUT_VERSION = 1
+#: Key of a batch Parquet's schema metadata holding one :func:`image_layout` per band (a JSON
+#: list), written by ``split_catalogue`` together with :data:`POSITION_COLUMNS`.
+LAYOUTS_METADATA_KEY = b"cutana.image_layouts"
+#: Batch columns with each source's 0-based pixel position in each band's image (a list per
+#: row, bands in order), computed by ``split_catalogue`` with the image's WCS.
+POSITION_COLUMNS = ("pixel_x", "pixel_y")
+
+
+def image_layout(handle: ImageHandle, keywords: tuple[str, ...] = ()) -> dict | None:
+    """What a job needs to read an opened image without astropy, as JSON-able data.
+
+    The data's byte offset, on-disk dtype and shape, scaling (``BSCALE``/``BZERO``/``BLANK``),
+    ``BUNIT``, pixel scale, the cutout header template's state, the header ``keywords`` asked
+    for (those present), and the file's size and modification time, by which :func:`map_image`
+    checks that the file has not changed since.
+
+    Parameters
+    ----------
+    handle : ImageHandle
+        An image opened with :func:`open_image`.
+    keywords : tuple of str
+        Header keywords to keep (the flux zero point's).
+
+    Returns
+    -------
+    dict or None
+        None when the image cannot be read that way: tile-compressed, or a WCS whose cutout
+        headers need astropy (the template's slow path).
+    """
+    if handle.compressed or handle._hdul is None:
+        return None
+    state = handle.cutout_header_template().to_state()
+    info = handle._hdu.fileinfo()
+    data = handle._pixels()
+    if state is None or info is None or data is None or not data.flags.c_contiguous:
+        return None
+    stat = handle.path.stat()
+    header = {}
+    for keyword in keywords:
+        if keyword in handle.header:
+            value = handle.header[keyword]
+            header[keyword] = value if isinstance(value, bool | int | float | str) else str(value)
+    return {
+        "version": LAYOUT_VERSION,
+        "path": os.fspath(handle.path),
+        "extension": handle.extension,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "offset": int(info["datLoc"]),
+        "dtype": data.dtype.str,
+        "shape": [int(n) for n in data.shape],
+        "bscale": handle._bscale,
+        "bzero": handle._bzero,
+        "blank": handle._blank,
+        "bunit": handle.bunit,
+        "pixel_scale_arcsec": handle.pixel_scale_arcsec,
+        "header": header,
+        "template": state,
+    }
+
+
+def map_image(layout: dict) -> ImageHandle | None:
+    """Memory-map an image from its :func:`image_layout`, without astropy.
+
+    Returns
+    -------
+    ImageHandle or None
+        None when the layout is of another version or the file is gone or has changed (size or
+        modification time) since the layout was made: open it with :func:`open_image` then.
+    """
+    path = Path(layout["path"])
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    if (
+        layout.get("version") != LAYOUT_VERSION
+        or stat.st_size != layout["size"]
+        or stat.st_mtime_ns != layout["mtime_ns"]
+    ):
+        return None
+    shape = tuple(int(n) for n in layout["shape"])
+    try:
+        data = np.memmap(
+            path,
+            dtype=np.dtype(layout["dtype"]),
+            mode="r",
+            offset=int(layout["offset"]),
+            shape=shape,
+        )
+    except (OSError, ValueError):
+        return None
+    return ImageHandle(
+        path=path,
+        extension=layout["extension"],
+        shape=(shape[-2], shape[-1]),
+        wcs=None,
+        pixel_scale_arcsec=float(layout["pixel_scale_arcsec"]),
+        header=dict(layout["header"]),
+        bunit=layout["bunit"],
+        _hdul=None,
+        _hdu=None,
+        _data=data,
+        _template_state=layout["template"],
+        _leading_index=(0,) * (len(shape) - 2),
+        _bscale=float(layout["bscale"]),
+        _bzero=float(layout["bzero"]),
+        _blank=None if layout["blank"] is None else int(layout["blank"]),
+    )
 
 
 def zeropoint(header: fits.Header, keyword: str, path: str | os.PathLike | None = None) -> float:
@@ -485,11 +644,20 @@ class ImageCache:
 
     Use as a context manager; all handles are closed on exit. A file that failed to open is
     remembered, and asking for it again raises the same error without touching the disk again.
+
+    Parameters
+    ----------
+    layouts : iterable of dict, optional
+        :func:`image_layout` results: those images are mapped with :func:`map_image` (no
+        astropy) while their files are unchanged, others are opened with :func:`open_image`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layouts=None) -> None:
         self._handles: dict[tuple[str, str], ImageHandle] = {}
         self._errors: dict[tuple[str, str], FitsValidationError] = {}
+        self._layouts = {
+            self._key(layout["path"], layout["extension"]): layout for layout in layouts or ()
+        }
 
     @staticmethod
     def _key(path, extension) -> tuple[str, str]:
@@ -507,6 +675,10 @@ class ImageCache:
         if key in self._errors:
             raise self._errors[key]
         handle = self._handles.get(key)
+        if handle is None and key in self._layouts:
+            handle = map_image(self._layouts[key])
+            if handle is not None:
+                self._handles[key] = handle
         if handle is None:
             try:
                 handle = open_image(path, extension)

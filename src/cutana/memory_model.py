@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import arrow_tables
+from . import arrow_tables, fits_io
 
 #: Declared memory (MB) of a cutout job whose batch has no model entry (should not happen in a
 #: normal run: the workflow profiles before it creates cutout jobs).
@@ -92,7 +92,7 @@ def engine_working_mb(cfg: Mapping) -> float:
     -------
     float
     """
-    from . import engine, fits_io, writers
+    from . import engine, writers
 
     n_bands, n_channels = len(cfg["channel_weights"]), _n_channels(cfg)
     target = int(cfg["target_resolution"])
@@ -324,8 +324,15 @@ def scan_batches(
     manifest = json.loads((batches_dir / "manifest.json").read_text(encoding="utf-8"))
     batches: dict[str, dict] = {}
     sample = None
+    layouts: dict[tuple, dict] = {}
     for entry in manifest["batches"]:
         table = arrow_tables.read_table(batches_dir / f"{entry['name']}.parquet")
+        # Each batch's image layouts (schema metadata) differ by tile: merged for the sample.
+        metadata = table.schema.metadata or {}
+        for layout in json.loads(metadata.get(fits_io.LAYOUTS_METADATA_KEY, b"[]")):
+            if layout:
+                layouts[(layout["path"], str(layout["extension"]).upper())] = layout
+        table = table.replace_schema_metadata(None)
         workloads = source_workloads(stamp_sizes(table, cfg, pixel_scale), cfg)
         batches[entry["name"]] = {"n_sources": table.num_rows, "workload": float(workloads.sum())}
         table = table.append_column("_workload", arrow_tables.numeric_array(workloads, np.float64))
@@ -333,6 +340,11 @@ def scan_batches(
         sample = _largest_workloads(sample, n_sample)
     if sample is None:
         raise ValueError(f"{batches_dir / 'manifest.json'} lists no batch: nothing to profile")
+    # The sample reads its images as the cutout jobs do (mapped from their layouts) only when
+    # every sampled row has its positions; otherwise every image is opened with astropy.
+    if layouts and all(sample[name].null_count == 0 for name in fits_io.POSITION_COLUMNS):
+        encoded = json.dumps(list(layouts.values())).encode("utf-8")
+        sample = sample.replace_schema_metadata({fits_io.LAYOUTS_METADATA_KEY: encoded})
     return batches, sample
 
 

@@ -15,10 +15,33 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-from astropy.io.fits.card import _format_float
-from astropy.wcs import WCS, Sip
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
+
+# astropy is imported inside the functions that need it: a cutout job whose batch carries the
+# header templates made by split_catalogue (CutoutHeaderTemplate.from_state) never imports it
+# (~0.5 s of its start-up).
+
+
+def format_header_float(value: float) -> str:
+    """The text of a float card value, exactly as astropy writes it (``card._format_float``).
+
+    ``str(value)`` with ``E`` for the exponent, cut to at most 20 characters (mantissa digits
+    go first). Kept here so header text can be made without importing astropy.io.fits;
+    ``tests/test_wcs.py`` checks it against astropy's function.
+    """
+    text = str(value).replace("e", "E")
+    if len(text) > 20:
+        exponent = text.find("E")
+        if exponent < 0:
+            text = text[:20]
+        else:
+            text = text[: 20 - (len(text) - exponent)] + text[exponent:]
+    return text
 
 
 def _scale_sip_matrix(matrix: np.ndarray | None, scale: float) -> np.ndarray | None:
@@ -55,6 +78,8 @@ def cutout_wcs(parent_wcs: WCS, x0: float, y0: float, scale: float = 1.0) -> WCS
     ValueError
         If ``scale`` is not a positive finite number.
     """
+    from astropy.wcs import Sip
+
     scale = float(scale)
     if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale (T / S) must be a positive number, got {scale!r}")
@@ -115,16 +140,44 @@ class CutoutHeaderTemplate:
         WCS of the image the stamps are cut from.
     """
 
-    def __init__(self, parent_wcs: WCS) -> None:
+    def __init__(self, parent_wcs: WCS | None) -> None:
         self._parent = parent_wcs
         self._lines: list[str] | None = None
         self._slots: list[tuple[int, str, str, float, int | None]] = []
+        if parent_wcs is None:  # from_state fills the template
+            return
         try:
             self._build()
             if not self._check():
                 self._lines = None
         except Exception:  # noqa: BLE001 - any surprise means: use the exact slow path
             self._lines = None
+
+    def to_state(self) -> dict | None:
+        """The template as JSON-able data, or None when it uses the slow path (unusual WCS).
+
+        ``split_catalogue`` stores it with each batch, so the cutout job rebuilds the template
+        with :meth:`from_state` and writes header text without astropy.
+        """
+        if self._lines is None:
+            return None
+        return {
+            "lines": list(self._lines),
+            "slots": [list(slot) for slot in self._slots],
+            "crpix": [float(v) for v in self._crpix],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> CutoutHeaderTemplate:
+        """A template made by :meth:`to_state` (no parent WCS: it has no slow path)."""
+        template = cls(None)
+        template._lines = [str(line) for line in state["lines"]]
+        template._slots = [
+            (int(line), str(key), str(comment), float(value), None if power is None else int(power))
+            for line, key, comment, value, power in state["slots"]
+        ]
+        template._crpix = np.array(state["crpix"], dtype=np.float64)
+        return template
 
     @staticmethod
     def _cards(wcs: WCS) -> list[tuple[str, object, str]]:
@@ -191,7 +244,7 @@ class CutoutHeaderTemplate:
                 value = (self._crpix[axis] - origin[axis] - 0.5) * scale + 0.5
             elif power:
                 value = value * scale**power
-            image = f"{key:8}= {_format_float(value):>20}"
+            image = f"{key:8}= {format_header_float(value):>20}"
             if comment:
                 image += f" / {comment}"
             lines[line] = f"{image[:80]:80}"

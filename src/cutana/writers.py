@@ -17,14 +17,17 @@ import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from astropy.io import fits
 from numcodecs import Blosc
 
 from .exceptions import CutanaError
+
+if TYPE_CHECKING:
+    from astropy.io import fits
 
 logger = logging.getLogger(__name__)
 
@@ -459,6 +462,8 @@ def default_channel_names(cfg: Mapping, n_channels: int) -> list[str]:
 
 def _header_from_text(text: object) -> fits.Header:
     """Cards of a WCS header text (``sep="\\n"`` or plain 80-column cards); empty if none."""
+    from astropy.io import fits
+
     if not isinstance(text, str) or not text.strip():
         return fits.Header()
     header = fits.Header.fromstring(text, sep="\n" if "\n" in text else "")
@@ -480,6 +485,8 @@ def _value(row: Mapping, key: str, default=None):
 
 
 def _primary_header(row: Mapping, cfg: Mapping, image_side: int, n_channels: int) -> fits.Header:
+    from astropy.io import fits
+
     header = fits.Header()
     source_id = str(_value(row, "source_id", ""))
     # FITS string values are ASCII; the exact SourceID (maybe not ASCII) stays in the index.
@@ -559,6 +566,8 @@ def write_fits_batch(
     and one image HDU per channel with EXTNAME = channel name, the cutout's WCS and BUNIT when
     known. CHECKSUM/DATASUM cards let readers verify the files.
     """
+    from astropy.io import fits  # here: a Zarr job never imports astropy
+
     images = _check_batch(images, metadata_df, "write_fits_batch")
     n_images, height, _, n_channels = images.shape
     names = list(channel_names) if channel_names is not None else None
