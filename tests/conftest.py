@@ -3,7 +3,9 @@
 * ``make_wcs(...)``: a celestial TAN WCS (optionally rotated, mirrored, with SIP distortion);
 * ``write_fits(...)``: write an image (primary or named extension, optionally tile-compressed,
   optionally integer with BSCALE/BZERO) and return its path;
-* ``fits_image``: one ready 120 x 160 float32 image with a TAN WCS and ``MAGZERO``.
+* ``fits_image``: one ready 120 x 160 float32 image with a TAN WCS and ``MAGZERO``;
+* ``run_fresh_python(code)`` and ``cutout_job_modules(batch, out_dir, cfg)``: code, or a cutout
+  job's ``run_batch``, in a new process (what a job imports, measured where it matters).
 """
 
 from __future__ import annotations
@@ -115,3 +117,33 @@ def fits_image(tmp_path):
         tmp_path / "image.fits", data, wcs, header_cards={"MAGZERO": 25.0, "BUNIT": "adu"}
     )
     return path, data, wcs
+
+
+def run_fresh_python(code: str) -> str:
+    """Run ``code`` in a new Python process (as a workflow job runs); return its stdout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def cutout_job_modules(batch_path, out_dir, cfg) -> set[str]:
+    """Top-level modules a fresh process loads running ``run_batch`` as the cutout job does
+    (the config already validated); its outputs go to ``out_dir`` (``b``, ``s.parquet``)."""
+    import json
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cfg.json").write_text(json.dumps(cfg))
+    code = (
+        "import json, sys\n"
+        "from cutana.engine import run_batch\n"
+        f"cfg = json.load(open({str(out_dir / 'cfg.json')!r}))\n"
+        f"run_batch({str(batch_path)!r}, {str(out_dir / 'b')!r}, "
+        f"{str(out_dir / 's.parquet')!r}, cfg, config_validated=True)\n"
+        "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))\n"
+    )
+    return set(json.loads(run_fresh_python(code)))

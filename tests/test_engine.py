@@ -301,9 +301,7 @@ def test_cutout_job_process_never_imports_pandas(tmp_path, write_fits, make_wcs,
     """pyarrow imports pandas (~0.25 s) on its first ordinary conversion; a cutout job must not
     pay that, so run_batch reads and writes its tables through cutana.arrow_tables. Given a
     config the workflow already validated, it does not import jsonschema either."""
-    import json
-    import subprocess
-    import sys
+    from conftest import cutout_job_modules
 
     wcs = make_wcs(SHAPE)
     path = write_fits(tmp_path / "img.fits", _image(3), wcs)
@@ -312,18 +310,8 @@ def test_cutout_job_process_never_imports_pandas(tmp_path, write_fits, make_wcs,
         batch_path
     )
     cfg = dict(_config(), output_format=output_format, output_dir=str(tmp_path / "out"))
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    script = (
-        "import json, sys\n"
-        "from cutana.engine import run_batch\n"
-        f"cfg = json.load(open({str(tmp_path / 'cfg.json')!r}))\n"
-        f"run_batch({str(batch_path)!r}, {str(tmp_path / 'out' / 'b')!r}, "
-        f"{str(tmp_path / 'out' / 's.parquet')!r}, cfg, config_validated=True)\n"
-        "print('pandas' in sys.modules, 'jsonschema' in sys.modules)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False", "False"]
+    loaded = cutout_job_modules(batch_path, tmp_path / "out", cfg)
+    assert "pandas" not in loaded and "jsonschema" not in loaded
     status = pd.read_parquet(tmp_path / "out" / "s.parquet")
     assert list(status["status"]) == ["ok", "no_overlap", "partial"]
 

@@ -328,9 +328,7 @@ def test_in_process_measurement_resets_the_peak_before_each_run(tmp_path, monkey
 def test_profiling_job_process_never_imports_pandas(tmp_path, make_wcs):
     """The profiling job scans every batch and runs its sample in its own process; pandas
     (~0.25 s to import) must not be part of that fixed cost of every run."""
-    import subprocess
-
-    from conftest import write_image
+    from conftest import run_fresh_python, write_image
 
     rng = np.random.default_rng(3)
     shape = (400, 400)
@@ -359,9 +357,7 @@ def test_profiling_job_process_never_imports_pandas(tmp_path, make_wcs):
         "print(json.dumps(['pandas' in sys.modules, model['sample']['n_sources'], "
         "sorted(model['batches'])]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    imported_pandas, n_sample, names = json.loads(done.stdout)
+    imported_pandas, n_sample, names = json.loads(run_fresh_python(script))
     assert not imported_pandas
     assert n_sample == 5
     assert names == ["00000_0000000000", "00001_0000000001", "00002_0000000002"]
