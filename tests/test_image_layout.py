@@ -152,7 +152,7 @@ def test_a_cutout_job_never_imports_astropy(tmp_path):
 
 
 def test_a_file_changed_after_the_split_is_read_through_astropy(tmp_path):
-    """A layout is used only while its file has the recorded size and modification time."""
+    """A layout is used only while its file has the recorded size, times and inode."""
     cfg, batches = _survey(tmp_path)
     table = arrow_tables.read_table(batches[0])
     vis = table["fits_file_paths"].to_pylist()[0][0]
@@ -165,8 +165,10 @@ def test_a_file_changed_after_the_split_is_read_through_astropy(tmp_path):
         build_wcs(SHAPE, ra=150.0005, dec=2.0, sip=True),
         header_cards={"MAGZERO": 24.5, "BUNIT": "ADU"},
     )
-    os.utime(vis, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    # Size and mtime as recorded (as `cp -p` or `rsync -t` would leave them): ctime differs.
+    os.utime(vis, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(vis).st_size == stat.st_size
+    assert os.stat(vis).st_mtime_ns == stat.st_mtime_ns
     after = _outputs(batches[0], tmp_path / "after", cfg)
     plain = _without_layouts(batches[0], tmp_path / "plain.parquet")
     expected = _outputs(plain, tmp_path / "expected", cfg)
@@ -192,6 +194,21 @@ def test_image_layout_is_none_for_a_template_that_needs_astropy(tmp_path, monkey
     monkeypatch.setattr(wcs_utils.CutoutHeaderTemplate, "_check", lambda self: False)
     handle = open_image(path)
     assert image_layout(handle) is None
+    handle.close()
+
+
+def test_a_gzipped_file_gets_no_layout_and_keeps_the_astropy_path(tmp_path):
+    """astropy decompresses a .fits.gz in memory: its data offset is not one in the file."""
+    import gzip
+    import shutil
+
+    data = np.arange(SHAPE[0] * SHAPE[1], dtype=np.float32).reshape(SHAPE)
+    plain = write_image(tmp_path / "a.fits", data, build_wcs(SHAPE, ra=10.0, dec=0.0))
+    with open(plain, "rb") as source, gzip.open(tmp_path / "a.fits.gz", "wb") as target:
+        shutil.copyfileobj(source, target)
+    handle = open_image(tmp_path / "a.fits.gz")
+    assert image_layout(handle) is None
+    np.testing.assert_array_equal(handle.read(10, 12, 20, 23), data[10:12, 20:23])
     handle.close()
 
 

@@ -513,11 +513,15 @@ def image_layout(handle: ImageHandle, keywords: tuple[str, ...] = ()) -> dict | 
     Returns
     -------
     dict or None
-        None when the image cannot be read that way: tile-compressed, or a WCS whose cutout
+        None when the image cannot be read that way: tile-compressed, a file astropy does not
+        memory-map (gzip/bzip2/zip-compressed ``.fits.gz`` and the like), or a WCS whose cutout
         headers need astropy (the template's slow path).
     """
     if handle.compressed or handle._hdul is None:
         return None
+    opened = getattr(handle._hdul, "_file", None)
+    if not getattr(opened, "memmap", False) or getattr(opened, "compression", None):
+        return None  # e.g. a .fits.gz: its data offset is one in the decompressed stream
     state = handle.cutout_header_template().to_state()
     info = handle._hdu.fileinfo()
     data = handle._pixels()
@@ -535,6 +539,9 @@ def image_layout(handle: ImageHandle, keywords: tuple[str, ...] = ()) -> dict | 
         "extension": handle.extension,
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
+        # A rewrite that restores size and mtime (cp -p, rsync -t) still changes these two.
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
         "offset": int(info["datLoc"]),
         "dtype": data.dtype.str,
         "shape": [int(n) for n in data.shape],
@@ -554,8 +561,8 @@ def map_image(layout: dict) -> ImageHandle | None:
     Returns
     -------
     ImageHandle or None
-        None when the layout is of another version or the file is gone or has changed (size or
-        modification time) since the layout was made: open it with :func:`open_image` then.
+        None when the layout is of another version or the file is gone or has changed (size,
+        mtime, ctime or inode) since the layout was made: open it with :func:`open_image` then.
     """
     path = Path(layout["path"])
     try:
@@ -566,6 +573,8 @@ def map_image(layout: dict) -> ImageHandle | None:
         layout.get("version") != LAYOUT_VERSION
         or stat.st_size != layout["size"]
         or stat.st_mtime_ns != layout["mtime_ns"]
+        or stat.st_ctime_ns != layout["ctime_ns"]
+        or stat.st_ino != layout["inode"]
     ):
         return None
     shape = tuple(int(n) for n in layout["shape"])
