@@ -2,9 +2,12 @@
 
 For each band the batch is grouped by file: the file is opened once (:class:`ImageCache`), all
 positions come from one ``all_world2pix`` call, sizes and windows are computed with numpy, and
-every stamp is read once. Stamps of one size are processed as stacks: flux conversion, mask-aware
-resampling to the target resolution, channel mixing and normalisation all run on arrays, never
-per pixel in Python. Sources are processed in chunks so intermediate arrays stay bounded.
+every stamp is read once. A batch written by ``split_catalogue`` carries those positions and
+each image's layout, so its images are memory-mapped without astropy (see
+:func:`cutana.fits_io.map_image`). Stamps of one size are processed as stacks: flux
+conversion, mask-aware resampling to the target resolution, channel mixing and normalisation all
+run on arrays, never per pixel in Python. Sources are processed in chunks so intermediate arrays
+stay bounded.
 
 Statuses (one per batch row): ``ok``; ``partial`` (the stamp crosses an image edge or holds
 invalid pixels in some band); ``no_overlap`` (the stamp misses the image in every band);
@@ -18,6 +21,7 @@ tables to DataFrames only when asked, and :func:`process_batch` also takes a Dat
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -181,8 +185,6 @@ def _precomputed_layouts(batch, n_bands: int) -> tuple[list[dict], np.ndarray | 
     metadata = batch.schema.metadata or {}
     if LAYOUTS_METADATA_KEY not in metadata:
         return [], None
-    import json
-
     layouts = [layout for layout in json.loads(metadata[LAYOUTS_METADATA_KEY]) if layout]
     positions = np.full((batch.num_rows, n_bands, 2), np.nan)
     for axis, name in enumerate(POSITION_COLUMNS):
