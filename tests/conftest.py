@@ -4,8 +4,8 @@
 * ``write_fits(...)``: write an image (primary or named extension, optionally tile-compressed,
   optionally integer with BSCALE/BZERO) and return its path;
 * ``fits_image``: one ready 120 x 160 float32 image with a TAN WCS and ``MAGZERO``;
-* ``run_fresh_python(code)`` and ``cutout_job_modules(batch, out_dir, cfg)``: code, or a cutout
-  job's ``run_batch``, in a new process (what a job imports, measured where it matters).
+* ``run_in_fresh_process(lines, result)`` and ``cutout_job_modules(batch, out_dir, cfg)``: code,
+  or a cutout job's ``run_batch``, in a new process (what a job imports, measured there).
 """
 
 from __future__ import annotations
@@ -119,14 +119,23 @@ def fits_image(tmp_path):
     return path, data, wcs
 
 
-def run_fresh_python(code: str) -> str:
-    """Run ``code`` in a new Python process (as a workflow job runs); return its stdout."""
+def run_in_fresh_process(lines: list[str], result: str = "None") -> tuple[set[str], object]:
+    """Run ``lines`` in a new Python process (as a workflow job runs).
+
+    Returns the top-level modules the process had loaded at the end and the JSON value of the
+    expression ``result`` evaluated there.
+    """
+    import json
     import subprocess
     import sys
 
+    code = "\n".join(
+        ["import json, sys", *lines, f"print(json.dumps([sorted(sys.modules), {result}]))"]
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    return done.stdout
+    modules, value = json.loads(done.stdout)
+    return {name.split(".")[0] for name in modules}, value
 
 
 def cutout_job_modules(batch_path, out_dir, cfg) -> set[str]:
@@ -138,12 +147,12 @@ def cutout_job_modules(batch_path, out_dir, cfg) -> set[str]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cfg.json").write_text(json.dumps(cfg))
-    code = (
-        "import json, sys\n"
-        "from cutana.engine import run_batch\n"
-        f"cfg = json.load(open({str(out_dir / 'cfg.json')!r}))\n"
-        f"run_batch({str(batch_path)!r}, {str(out_dir / 'b')!r}, "
-        f"{str(out_dir / 's.parquet')!r}, cfg, config_validated=True)\n"
-        "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))\n"
+    modules, _ = run_in_fresh_process(
+        [
+            "from cutana.engine import run_batch",
+            f"cfg = json.load(open({str(out_dir / 'cfg.json')!r}))",
+            f"run_batch({str(batch_path)!r}, {str(out_dir / 'b')!r}, "
+            f"{str(out_dir / 's.parquet')!r}, cfg, config_validated=True)",
+        ]
     )
-    return set(json.loads(run_fresh_python(code)))
+    return modules

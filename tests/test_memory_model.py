@@ -328,7 +328,7 @@ def test_in_process_measurement_resets_the_peak_before_each_run(tmp_path, monkey
 def test_profiling_job_process_never_imports_pandas(tmp_path, make_wcs):
     """The profiling job scans every batch and runs its sample in its own process; pandas
     (~0.25 s to import) must not be part of that fixed cost of every run."""
-    from conftest import run_fresh_python, write_image
+    from conftest import run_in_fresh_process, write_image
 
     rng = np.random.default_rng(3)
     shape = (400, 400)
@@ -348,16 +348,15 @@ def test_profiling_job_process_never_imports_pandas(tmp_path, make_wcs):
     (batches / "manifest.json").write_text(json.dumps(manifest))
     cfg = make_config(channel_weights={"A": [1.0]}, memory={"profile_sources": 5})
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    script = (
-        "import json, sys\n"
-        "from cutana.memory_model import build_memory_model\n"
-        f"cfg = json.load(open({str(tmp_path / 'cfg.json')!r}))\n"
-        f"model = build_memory_model({str(batches)!r}, cfg, {str(tmp_path / 'm.json')!r}, "
-        f"{str(tmp_path / 'scratch')!r})\n"
-        "print(json.dumps(['pandas' in sys.modules, model['sample']['n_sources'], "
-        "sorted(model['batches'])]))\n"
+    modules, (n_sample, names) = run_in_fresh_process(
+        [
+            "from cutana.memory_model import build_memory_model",
+            f"cfg = json.load(open({str(tmp_path / 'cfg.json')!r}))",
+            f"model = build_memory_model({str(batches)!r}, cfg, {str(tmp_path / 'm.json')!r}, "
+            f"{str(tmp_path / 'scratch')!r})",
+        ],
+        "[model['sample']['n_sources'], sorted(model['batches'])]",
     )
-    imported_pandas, n_sample, names = json.loads(run_fresh_python(script))
-    assert not imported_pandas
+    assert "pandas" not in modules
     assert n_sample == 5
     assert names == ["00000_0000000000", "00001_0000000001", "00002_0000000002"]
