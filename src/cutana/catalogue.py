@@ -1176,54 +1176,35 @@ class _TileLocator:
     """Where a batch's sources lie in each image of its tile, and how to read those images.
 
     For every band: the sources' pixel positions (the WCS call a cutout job would make) and the
-    image's :func:`cutana.fits_io.image_layout`. Stored with the batch, they let the cutout job
-    read the images without importing astropy (~0.5 s of every job's start-up). The images of
-    one tile are open at a time; layouts are kept for every image.
+    image's :func:`cutana.fits_io.image_layout`, both from the descriptions the file checks
+    took while each file was open (:func:`cutana.inputs_check.check_tile_files`), so no file
+    is opened again. Stored with the batch, they let the cutout job read the images without
+    importing astropy (~0.5 s of every job's start-up).
     """
 
-    def __init__(self, cfg: Mapping) -> None:
+    def __init__(self, cfg: Mapping, descriptions: Mapping[tuple[str, object], tuple]) -> None:
         from .config import band_extensions
 
         self.extensions = band_extensions(cfg)
-        keywords = cfg.get("flux_conversion_keywords", {}) or {}
-        self.keywords = (str(keywords.get("AB_zeropoint", "MAGZERO")),)
-        self.cache = None
-        self.cache_tile: tuple[str, ...] | None = None
-        self.layouts: dict[tuple[str, str], dict | None] = {}
+        self.descriptions = descriptions
 
     def locate(
         self, paths: Sequence[str], ra: np.ndarray, dec: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, list[dict]] | None:
         """(N, B) x and y positions and one layout per band; None if an image has none."""
-        from .fits_io import ImageCache, image_layout
-
-        if self.cache_tile != tuple(paths):
-            self.close()
-            self.cache, self.cache_tile = ImageCache(), tuple(paths)
         xs, ys, layouts = [], [], []
-        try:
-            for path, extension in zip(paths, self.extensions, strict=True):
-                handle = self.cache.get(path, extension)
-                key = (path, str(extension).upper())
-                if key not in self.layouts:
-                    layout = image_layout(handle, self.keywords)
-                    if layout is not None:
-                        layout["path"] = path  # the exact string the batch's rows name
-                    self.layouts[key] = layout
-                if self.layouts[key] is None:
-                    return None
-                x, y = handle.wcs.all_world2pix(ra, dec, 0, quiet=True)
-                xs.append(np.asarray(x, dtype=np.float64))
-                ys.append(np.asarray(y, dtype=np.float64))
-                layouts.append(self.layouts[key])
-        except Exception:  # noqa: BLE001 - the job opens such images itself and reports why
-            return None
+        for path, extension in zip(paths, self.extensions, strict=True):
+            wcs, layout = self.descriptions.get((path, extension), (None, None))
+            if layout is None:
+                return None
+            try:
+                x, y = wcs.all_world2pix(ra, dec, 0, quiet=True)
+            except Exception:  # noqa: BLE001 - the job opens the image itself and reports why
+                return None
+            xs.append(np.asarray(x, dtype=np.float64))
+            ys.append(np.asarray(y, dtype=np.float64))
+            layouts.append({**layout, "path": path})  # the exact string the rows name
         return np.stack(xs, axis=1), np.stack(ys, axis=1), layouts
-
-    def close(self) -> None:
-        if self.cache is not None:
-            self.cache.close()
-        self.cache, self.cache_tile = None, None
 
 
 def _list_column(values: np.ndarray | None, n_rows: int) -> pa.Array:
@@ -1416,25 +1397,20 @@ def split_catalogue(
         scan = scan_catalogue(path, cfg, chunk_rows=chunk_rows, on_chunk=on_chunk)
         spool.close()
         source = None if isinstance(path, pd.DataFrame) else path
+        locator = None
         if check_files:
             from .inputs_check import check_tile_files, raise_input_problems
 
-            file_problems, _ = check_tile_files(scan, cfg)
+            file_problems, _, descriptions = check_tile_files(scan, cfg, describe=True)
             raise_input_problems(scan.problems, file_problems, source)
+            # Each batch also gets its sources' pixel positions and its images' layouts, so
+            # the cutout jobs need no astropy.
+            locator = _TileLocator(cfg, descriptions)
         else:
             raise_if_problems(scan.problems, source)
 
         staging.mkdir()
-        # With the files checked, each batch also gets its sources' pixel positions and its
-        # images' layouts, so the cutout jobs need no astropy.
-        locator = _TileLocator(cfg) if check_files else None
-        try:
-            entries = _write_batches(
-                spool, scan, int(cfg["N_batch_cutout_process"]), staging, locator
-            )
-        finally:
-            if locator is not None:
-                locator.close()
+        entries = _write_batches(spool, scan, int(cfg["N_batch_cutout_process"]), staging, locator)
         manifest = {
             "total_rows": scan.total_rows,
             "batches": entries,

@@ -55,42 +55,61 @@ def _usage_text(extension, entry: dict) -> str:
     )
 
 
-def _check_one_file(file_path: str, extension, entry: dict, cfg: Mapping, catalogue_dir: str):
-    """Open one file and return ``(pixel_scale_arcsec or None, [problem, ...])``."""
+def _check_one_file(
+    file_path: str, extension, entry: dict, cfg: Mapping, catalogue_dir: str, describe: bool
+):
+    """Open one file; return ``(pixel_scale_arcsec or None, [problem, ...], description)``.
+
+    ``description`` (only when ``describe``) is ``(celestial WCS, fits_io.image_layout or
+    None)``, taken while the file is open so the split need not open it again.
+    """
     usage = _usage_text(extension, entry)
     if not os.path.exists(file_path):
-        return None, [
-            f"FITS file '{file_path}' {usage} does not exist. Fix: correct the path in "
-            "fits_file_paths (relative paths are resolved against the catalogue's directory "
-            f"{catalogue_dir!r})"
-        ]
-    from .fits_io import open_image, zeropoint  # imported late: astropy is slow to import
+        return (
+            None,
+            [
+                f"FITS file '{file_path}' {usage} does not exist. Fix: correct the path in "
+                "fits_file_paths (relative paths are resolved against the catalogue's directory "
+                f"{catalogue_dir!r})"
+            ],
+            None,
+        )
+    from .fits_io import image_layout, open_image, zeropoint  # late: astropy is slow to import
 
     try:
         handle = open_image(file_path, extension)
     except FitsValidationError as exc:
-        return None, [f"{exc} {usage}"]
+        return None, [f"{exc} {usage}"], None
     except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-        return None, [
-            f"FITS file '{file_path}' {usage} cannot be read ({type(exc).__name__}: {exc}). "
-            "Fix: check the file is a complete FITS image and the extension exists"
-        ]
+        return (
+            None,
+            [
+                f"FITS file '{file_path}' {usage} cannot be read ({type(exc).__name__}: {exc}). "
+                "Fix: check the file is a complete FITS image and the extension exists"
+            ],
+            None,
+        )
     problems = []
+    description = None
     try:
         # open_image guarantees a 2-D image with a celestial WCS and a positive pixel scale.
         scale = float(handle.pixel_scale_arcsec)
+        keyword = cfg["flux_conversion_keywords"]["AB_zeropoint"]
         if cfg.get("apply_flux_conversion", True):
-            keyword = cfg["flux_conversion_keywords"]["AB_zeropoint"]
             try:
                 zeropoint(handle.header, keyword, file_path)
             except FitsValidationError as exc:
                 problems.append(f"{exc} {usage}")
+        if describe:
+            description = (handle.wcs, image_layout(handle, (keyword,)))
     finally:
         handle.close()
-    return scale, problems
+    return scale, problems, description
 
 
-def check_tile_files(scan: CatalogueScan, cfg: Mapping) -> tuple[ProblemLog, dict]:
+def check_tile_files(
+    scan: CatalogueScan, cfg: Mapping, describe: bool = False
+) -> tuple[ProblemLog, dict, dict]:
     """Check every distinct FITS file of the tiles a catalogue scan found.
 
     Parameters
@@ -100,6 +119,9 @@ def check_tile_files(scan: CatalogueScan, cfg: Mapping) -> tuple[ProblemLog, dic
     cfg : dict
         Validated configuration: ``channel_weights``, ``fits_extensions``,
         ``apply_flux_conversion``, ``flux_conversion_keywords``.
+    describe : bool
+        Also return each file's WCS and :func:`cutana.fits_io.image_layout` (the split stores
+        positions and layouts with its batches).
 
     Returns
     -------
@@ -107,17 +129,25 @@ def check_tile_files(scan: CatalogueScan, cfg: Mapping) -> tuple[ProblemLog, dic
         One entry per unusable file, and per tile mixing pixel scales under ``diameter_pixel``.
     pixel_scales : dict
         ``{(path, extension): arcsec per pixel}`` of the files that could be opened.
+    descriptions : dict
+        ``{(path, extension): (celestial WCS, layout or None)}`` of those files when
+        ``describe``, else empty.
     """
     problems = ProblemLog()
     catalogue_dir = str(Path(scan.source).resolve().parent) if scan.source else os.getcwd()
     scales: dict[tuple[str, object], float] = {}
+    descriptions: dict[tuple[str, object], tuple] = {}
     usage = _file_usage(scan, cfg)
     for (file_path, extension), entry in usage.items():
-        scale, file_problems = _check_one_file(file_path, extension, entry, cfg, catalogue_dir)
+        scale, file_problems, description = _check_one_file(
+            file_path, extension, entry, cfg, catalogue_dir, describe
+        )
         for message in file_problems:
             problems.add(message)
         if scale is not None:
             scales[(file_path, extension)] = scale
+        if description is not None:
+            descriptions[(file_path, extension)] = description
     if scan.size_column == "diameter_pixel":
         extensions = band_extensions(cfg)
         bands = [str(b) for b in cfg["channel_weights"]]
@@ -135,7 +165,7 @@ def check_tile_files(scan: CatalogueScan, cfg: Mapping) -> tuple[ProblemLog, dic
                 "with diameter_pixel the same pixel count covers different sky areas in each "
                 "band. Fix: give the stamp sizes as diameter_arcsec instead"
             )
-    return problems, scales
+    return problems, scales, descriptions
 
 
 def raise_input_problems(catalogue_problems: ProblemLog, file_problems: ProblemLog, source):
@@ -194,7 +224,7 @@ def check_inputs(cfg: Mapping, catalogue=None, chunk_rows: int = 200_000) -> dic
             "config key 'source_catalogue' is not set: give the path of a CSV or Parquet catalogue"
         )
     scan = scan_catalogue(source, cfg, chunk_rows=chunk_rows)
-    file_problems, scales = check_tile_files(scan, cfg)
+    file_problems, scales, _ = check_tile_files(scan, cfg)
     raise_input_problems(scan.problems, file_problems, scan.source)
     return {
         "n_sources": scan.total_rows,
