@@ -1,11 +1,12 @@
 """Throughput of one cutout job's engine (``cutana.engine.run_batch``) on one core, warm.
 
 Takes the first ``--sources`` sources of tile 0 of the benchmark survey (made by
-``bench_pipeline.py``), sorted by (Dec, RA) as ``split_catalogue`` sorts a batch, writes them as
-a batch table and runs ``run_batch`` on it twice in this process (the first run pays imports and
-the page cache), for every cell of {64, 256} px x {1, 3} channels (asinh, float32, Zarr). Prints
-a Markdown table of sources per second of the second run, without Snakemake or process start-up:
-what a cutout job does once it has started. ``--profile`` prints cProfile's top functions too.
+``bench_pipeline.py``), splits them with ``split_catalogue`` into one batch (sorted, with the
+sources' pixel positions and the images' layouts, as in the workflow) and runs ``run_batch`` on
+it twice in this process (the first run pays imports and the page cache), for every cell of
+{64, 256} px x {1, 3} channels (asinh, float32, Zarr). Prints a Markdown table of sources per
+second of the second run, without Snakemake or process start-up: what a cutout job does once it
+has started. ``--profile`` prints cProfile's top functions too.
 
 Usage::
 
@@ -27,27 +28,36 @@ from pathlib import Path
 
 import pandas as pd
 
-from cutana.config import get_default_config
+from cutana.catalogue import split_catalogue
+from cutana.config import get_default_config, validate_config
 from cutana.engine import run_batch
 
 BANDS = ["VIS", "NIR_Y", "NIR_H"]
 
 
-def batch_table(survey: Path, n_bands: int, n_sources: int, path: Path) -> int:
-    """Write the first sources of tile 0, sorted like a batch; return their number."""
+def batch_table(survey: Path, n_bands: int, n_sources: int, path: Path, cfg: dict) -> int:
+    """Split the first sources of tile 0 as the workflow does; return their number.
+
+    ``split_catalogue`` (files checked) writes one batch holding them, sorted, with their pixel
+    positions and image layouts, so ``run_batch`` reads the images as a cutout job does. The
+    batch is copied to ``path``.
+    """
     frame = pd.read_csv(survey / f"catalogue_{n_bands}band.csv")
-    frame["fits_file_paths"] = frame["fits_file_paths"].map(ast.literal_eval)
-    first_file = frame["fits_file_paths"].iloc[0][0]
-    in_tile = frame["fits_file_paths"].map(lambda paths: paths[0]) == first_file
-    frame = frame[in_tile].sort_values(["Dec", "RA"]).head(n_sources).reset_index(drop=True)
-    frame["row_index"] = range(len(frame))
-    frame.to_parquet(path, index=False)
+    first_file = ast.literal_eval(frame["fits_file_paths"].iloc[0])[0]
+    in_tile = frame["fits_file_paths"].map(lambda text: ast.literal_eval(text)[0]) == first_file
+    # The lowest-Dec sources: a compact strip, as a batch of a large tile covers.
+    frame = frame[in_tile].sort_values(["Dec", "RA"]).head(n_sources)
+    catalogue = path.with_suffix(".csv")
+    frame.to_csv(catalogue, index=False)
+    split_cfg = dict(cfg, N_batch_cutout_process=len(frame))
+    manifest = split_catalogue(catalogue, split_cfg, path.parent / f"split_{n_bands}")
+    (batch,) = manifest["batches"]
+    shutil.copy(path.parent / f"split_{n_bands}" / "batches" / f"{batch['name']}.parquet", path)
     return len(frame)
 
 
 def run_cell(survey: Path, work: Path, resolution: int, n_bands: int, args) -> float:
     batch = work / f"batch_{n_bands}.parquet"
-    n_sources = batch_table(survey, n_bands, args.sources, batch)
     bands = BANDS[:n_bands]
     cfg = get_default_config()
     cfg.update(
@@ -65,6 +75,8 @@ def run_cell(survey: Path, work: Path, resolution: int, n_bands: int, args) -> f
             "fits_extensions": ["PRIMARY"],
         }
     )
+    cfg = validate_config(cfg)
+    n_sources = batch_table(survey, n_bands, args.sources, batch, cfg)
 
     def once() -> float:
         shutil.rmtree(work / "out", ignore_errors=True)

@@ -192,6 +192,7 @@ class ImageHandle:
     _hdul: fits.HDUList | None = field(repr=False)
     _hdu: object = field(repr=False)
     _data: np.ndarray | None = field(repr=False, default=None)  # the memory map (uncompressed)
+    _mapping: object = field(repr=False, default=None)  # map_image's mmap (for madvise)
     _compressed: bool = field(repr=False, default=False)
     _template_state: dict | None = field(repr=False, default=None)
     _template: CutoutHeaderTemplate | None = field(repr=False, default=None)
@@ -329,7 +330,7 @@ class ImageHandle:
         if self._hdul is not None:
             mapping = getattr(getattr(self._hdul, "_file", None), "_mmap", None)
         else:
-            mapping = getattr(self._data, "_mmap", None)
+            mapping = self._mapping
         self._mapped_pages = 0
         if self._page_map is not None:
             self._page_map[...] = False
@@ -344,6 +345,7 @@ class ImageHandle:
         """Close the file (and its memory map) and drop cached blocks."""
         self._blocks = None
         self._data = None
+        self._mapping = None
         if self._hdul is not None:
             self._hdul.close()
 
@@ -598,7 +600,9 @@ def map_image(layout: dict) -> ImageHandle | None:
         bunit=layout["bunit"],
         _hdul=None,
         _hdu=None,
-        _data=data,
+        # A plain ndarray view: slicing np.memmap makes a memmap object per stamp (~2 us).
+        _data=data.view(np.ndarray),
+        _mapping=getattr(data, "_mmap", None),
         _template_state=layout["template"],
         _leading_index=(0,) * (len(shape) - 2),
         _bscale=float(layout["bscale"]),
