@@ -1261,6 +1261,15 @@ class _BatchWriter:
         repeat = np.zeros(size, np.int64)  # one-element arrays repeated by take(): no lists
         missing_size = pa.nulls(size, pa.float64())  # the size column the catalogue lacks
         has_pixel = self.scan.size_column == "diameter_pixel"
+        located = None
+        if self.locator is not None:
+            ra = rows.column("RA").to_numpy()
+            dec = rows.column("Dec").to_numpy()
+            located = self.locator.locate(paths, ra, dec)
+        positions = (None, None) if located is None else located[:2]
+        schema = BATCH_SCHEMA
+        if located is not None:  # the images' layouts: with the positions, no astropy in jobs
+            schema = schema.with_metadata({LAYOUTS_METADATA_KEY: json.dumps(located[2])})
         batch = pa.table(
             {
                 "row_index": rows.column("row_index"),
@@ -1271,26 +1280,16 @@ class _BatchWriter:
                 "diameter_pixel": rows.column("diameter_pixel") if has_pixel else missing_size,
                 "diameter_arcsec": missing_size if has_pixel else rows.column("diameter_arcsec"),
                 "tile": pa.array([self.tile_ids[code]], pa.string()).take(repeat),
-                **{name: pa.nulls(size, pa.list_(pa.float64())) for name in POSITION_COLUMNS},
+                **{
+                    column: _list_column(values, size)
+                    for column, values in zip(POSITION_COLUMNS, positions, strict=True)
+                },
             },
-            schema=BATCH_SCHEMA,
+            schema=schema,
         ).combine_chunks()
         index = self.first_index[code] + k
         content_id = _batch_content_id(batch, paths)
         name = f"{index:05d}_{content_id}"
-        located = None
-        if self.locator is not None:
-            ra = batch.column("RA").to_numpy()
-            dec = batch.column("Dec").to_numpy()
-            located = self.locator.locate(paths, ra, dec)
-        if located is not None:
-            *positions, layouts = located
-            for column, values in zip(POSITION_COLUMNS, positions, strict=True):
-                field_index = batch.schema.get_field_index(column)
-                batch = batch.set_column(field_index, column, _list_column(values, size))
-            batch = batch.replace_schema_metadata(
-                {LAYOUTS_METADATA_KEY: json.dumps(layouts).encode("utf-8")}
-            )
         pq.write_table(batch, self.out_dir / f"{name}.parquet")
         self.entries.append(
             {

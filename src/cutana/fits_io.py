@@ -15,7 +15,7 @@ letting it scale would materialise the whole image as floating point.
 astropy is imported only when a file is opened through it (:func:`open_image`). A cutout job
 whose batch carries each image's layout (made by ``split_catalogue`` with :func:`image_layout`)
 maps the pixels with :func:`map_image` instead and never imports astropy (~0.5 s of a job's
-start-up); a layout that no longer matches its file (size or modification time) is not used.
+start-up); a layout that no longer matches its file (size, mtime, ctime or inode) is not used.
 """
 
 from __future__ import annotations
@@ -502,8 +502,8 @@ def image_layout(handle: ImageHandle, keywords: tuple[str, ...] = ()) -> dict | 
 
     The data's byte offset, on-disk dtype and shape, scaling (``BSCALE``/``BZERO``/``BLANK``),
     ``BUNIT``, pixel scale, the cutout header template's state, the header ``keywords`` asked
-    for (those present), and the file's size and modification time, by which :func:`map_image`
-    checks that the file has not changed since.
+    for (those present), and the file's size, mtime, ctime and inode, by which
+    :func:`map_image` checks that the file has not changed since.
 
     Parameters
     ----------
