@@ -14,6 +14,7 @@ from cutana.config import config_hash, import_jsonschema, validate_config
 from cutana.exceptions import ConfigValidationError
 from cutana.preflight import OutputDirError, check_output_dir_for
 from cutana import memory_model
+from cutana.snakemake_exit import finish_promptly
 
 # Before the Snakefile's validate(): jsonschema without its slow optional iri checker (~2 s).
 import_jsonschema()
