@@ -95,3 +95,28 @@ def test_single_band_channel_masks_nan_inf_and_invalid_values(weight):
     np.testing.assert_allclose(
         images[..., 0][expected_valid], weight * bands[:, 0][expected_valid], rtol=1e-6
     )
+
+
+def test_planes_are_the_channels_of_mix_channels():
+    from cutana.mixing import mix_planes
+
+    bands, valid = _bands()
+    valid[0, 1, 2:4] = False
+    bands[2, 0, 5, 5] = np.nan
+    for weights in (np.eye(3), [[1.0, 0.0], [0.5, 0.0], [0.0, 1.0]]):
+        planes, planes_valid = mix_planes(bands, valid, weights)
+        images, valid_out = mix_channels(bands, valid, weights)
+        np.testing.assert_array_equal(planes.transpose(0, 2, 3, 1), images)
+        np.testing.assert_array_equal(planes_valid.transpose(0, 2, 3, 1), valid_out)
+
+
+def test_one_band_per_channel_reuses_the_bands_and_all_valid_is_none():
+    from cutana.mixing import mix_planes
+
+    bands, valid = _bands()
+    planes, planes_valid = mix_planes(bands, valid, np.eye(3))
+    assert planes is bands and planes_valid is None
+    # Another order of the bands is a copy, with the same values.
+    swapped, _ = mix_planes(bands, valid, np.eye(3)[:, [1, 0, 2]])
+    assert not np.shares_memory(swapped, bands)
+    np.testing.assert_array_equal(swapped[:, 0], bands[:, 1])

@@ -244,3 +244,26 @@ def test_bad_arguments():
         normalise_batch(images[0], valid[0], _config("linear"))
     with pytest.raises(ValueError, match="valid has shape"):
         normalise_batch(images, valid[..., :1], _config("linear"))
+
+
+@pytest.mark.parametrize("method", ["asinh", "zscale", "none"])
+@pytest.mark.parametrize("data_type", ["float32", "uint8"])
+def test_planes_give_the_values_of_the_batch(method, data_type):
+    from cutana.normalisation import normalise_planes
+
+    images, valid = _images_with_holes()
+    cfg = _config(method, data_type=data_type, fill_value=3.0)
+    expected = normalise_batch(images, valid, cfg)
+    planes = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    planes_valid = np.ascontiguousarray(valid.transpose(0, 3, 1, 2))
+    out = normalise_planes(planes, planes_valid, cfg)
+    np.testing.assert_array_equal(out.transpose(0, 2, 3, 1), expected)
+    # All valid and finite (the fast clip): astropy's values, and None stands for the mask.
+    clean = np.nan_to_num(planes, nan=100.0)
+    fast = normalise_planes(clean, None, cfg)
+    np.testing.assert_array_equal(fast, normalise_planes(clean, np.ones_like(planes_valid), cfg))
+    if method != "none" and data_type == "float32":
+        for i in range(clean.shape[0]):
+            for c in range(clean.shape[1]):
+                reference = _astropy_reference(clean[i, c], np.ones_like(valid[i, ..., c]), method)
+                np.testing.assert_allclose(fast[i, c], reference, rtol=0, atol=1e-5)

@@ -348,8 +348,8 @@ def process_batch(batch, cfg: Mapping, sink=None) -> BatchResult:
     BatchResult
         Images of the ok/partial sources, their metadata and the status of every row.
     """
-    from .mixing import mix_channels
-    from .normalisation import normalise_batch
+    from .mixing import interleave_planes, mix_planes
+    from .normalisation import normalise_planes
 
     columns = _batch_columns(batch)
     n_rows = len(columns["RA"])
@@ -390,11 +390,20 @@ def process_batch(batch, cfg: Mapping, sink=None) -> BatchResult:
         for start in range(0, len(todo), step):
             rows = todo[start : start + step]
             bands, band_valid = _process_chunk(rows, plans, cfg, reasons, touched_invalid)
-            mixed, mixed_valid = mix_channels(bands, band_valid, weights)
+            # Channel planes (K, C, T, T) throughout; the channels are interleaved once, for
+            # the output's (K, T, T, C) layout.
+            mixed, mixed_valid = mix_planes(bands, band_valid, weights)
             del bands, band_valid
-            finished = normalise_batch(mixed, mixed_valid, cfg)
-            valid_fraction[start : start + len(rows)] = mixed_valid.mean(axis=(1, 2, 3))
+            finished = normalise_planes(mixed, mixed_valid, cfg)
+            if mixed_valid is not None:
+                valid_fraction[start : start + len(rows)] = mixed_valid.mean(axis=(1, 2, 3))
+            else:
+                valid_fraction[start : start + len(rows)] = 1.0
             del mixed, mixed_valid
+            if n_channels == 1:
+                finished = finished.reshape(len(rows), target, target, 1)
+            else:
+                finished = interleave_planes(finished)
             # A file that failed while reading fails its sources (of this chunk: reasons of
             # other chunks' rows are never set here), which drop out of the images.
             keep = np.array([not reasons[r] for r in rows.tolist()], dtype=bool)

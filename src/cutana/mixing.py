@@ -39,6 +39,40 @@ def mix_channels(
     ------
     ValueError
         If the shapes do not agree or the weights are not finite.
+
+    See Also
+    --------
+    mix_planes : the same with channel planes (N, C, T, T) out, as the engine calls it.
+    """
+    planes, planes_valid = mix_planes(bands, valid, weights)
+    n, n_channels, height, width = planes.shape
+    shape = (n, height, width, n_channels)
+    if n_channels == 1:
+        # (N, 1, T, T) and (N, T, T, 1) have the same memory layout: no copy.
+        images = planes.reshape(shape)
+    else:
+        images = interleave_planes(planes)
+    if planes_valid is None:
+        valid_out = np.ones(shape, dtype=bool)
+    elif n_channels == 1:
+        valid_out = planes_valid.reshape(shape)
+    else:
+        valid_out = interleave_planes(planes_valid)
+    return images, valid_out
+
+
+def mix_planes(
+    bands: np.ndarray, valid: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`mix_channels` with channel planes out: (N, C, T, T) images and validity.
+
+    Returns
+    -------
+    planes : ndarray of float32, shape (N, C, T, T)
+        The mixed channels. When every channel is one band with weight 1, in band order (the
+        usual one band per channel), this is ``bands`` itself (no copy).
+    planes_valid : ndarray of bool, shape (N, C, T, T), or None
+        Validity as in :func:`mix_channels`; None when every pixel of every channel is valid.
     """
     bands = np.asarray(bands, dtype=np.float32)
     valid = np.asarray(valid, dtype=bool)
@@ -54,7 +88,6 @@ def mix_channels(
         )
     if not np.all(np.isfinite(weights)):
         raise ValueError(f"channel weights must be finite numbers, got {weights.tolist()}")
-
     n, n_bands, height, width = bands.shape
     n_channels = weights.shape[1]
     # Per band: the data with invalid pixels zeroed (a view when the band is fully valid, the
@@ -64,17 +97,18 @@ def mix_channels(
     for band in np.flatnonzero(np.any(weights != 0, axis=1)).tolist():
         data = bands[:, band]
         ok = valid[:, band]
-        # A finite float64 sum proves every float32 value finite in one pass without a mask.
-        if not np.isfinite(np.sum(data, dtype=np.float64)):
-            ok = ok & np.isfinite(data)
+        finite = np.isfinite(data)  # one SIMD pass, 4x faster than a float64 sum
+        if not finite.all():
+            ok = ok & finite
+        del finite
         if ok.all():
             clean[band], band_valid[band] = data, None
         else:
             clean[band], band_valid[band] = np.where(ok, data, np.float32(0)), ok
-    # Channel planes (N, T, T) first: a multiply-add per (band, channel) pair with a nonzero
-    # weight on contiguous planes is memory-bound and much faster than a tensordot; a channel
-    # that is one band with weight 1 is that band's plane without a copy. A zero weight never
-    # lets a NaN (or an invalid pixel) through.
+    # A multiply-add per (band, channel) pair with a nonzero weight on contiguous planes is
+    # memory-bound and much faster than a tensordot; a channel that is one band with weight 1
+    # is that band's plane without arithmetic. A zero weight never lets a NaN (or an invalid
+    # pixel) through.
     planes, plane_valid = [], []
     for channel in range(n_channels):
         used = np.flatnonzero(weights[:, channel]).tolist()
@@ -94,22 +128,40 @@ def mix_channels(
             plane = np.where(ok, plane, np.float32(0))
         planes.append(plane)
         plane_valid.append(ok)
-    if n_channels == 1 and planes[0].flags.c_contiguous:
-        # One channel: (N, T, T) and (N, T, T, 1) have the same memory layout, so the plane
-        # (possibly a view of ``bands``) is returned without a copy.
-        images = planes[0].reshape(n, height, width, 1)
+    if n_channels == n_bands and all(_is_band(p, bands, c) for c, p in enumerate(planes)):
+        mixed = bands  # one band per channel, in order: the bands are the planes
     else:
-        images = _interleave(planes, np.float32, (n, height, width, n_channels))
+        mixed = None
+    if mixed is None:
+        mixed = np.empty((n, n_channels, height, width), dtype=np.float32)
+        for channel, plane in enumerate(planes):
+            mixed[:, channel] = plane
     if all(ok is None for ok in plane_valid):
-        valid_out = np.ones((n, height, width, n_channels), dtype=bool)
-    elif n_channels == 1 and plane_valid[0].flags.c_contiguous:
-        valid_out = plane_valid[0].reshape(n, height, width, 1)
-    else:
-        masks = [
-            np.ones((n, height, width), dtype=bool) if ok is None else ok for ok in plane_valid
-        ]
-        valid_out = _interleave(masks, bool, (n, height, width, n_channels))
-    return images, valid_out
+        return mixed, None
+    mixed_valid = np.ones((n, n_channels, height, width), dtype=bool)
+    for channel, ok in enumerate(plane_valid):
+        if ok is not None:
+            mixed_valid[:, channel] = ok
+    return mixed, mixed_valid
+
+
+def _is_band(plane: np.ndarray, bands: np.ndarray, band: int) -> bool:
+    """Whether ``plane`` is exactly the view ``bands[:, band]`` (same memory, same strides)."""
+    view = bands[:, band]
+    return (
+        plane.shape == view.shape
+        and plane.strides == view.strides
+        and plane.__array_interface__["data"][0] == view.__array_interface__["data"][0]
+    )
+
+
+def interleave_planes(planes: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) planes as one (N, H, W, C) array (channel last), of the planes' dtype."""
+    n, n_channels, height, width = planes.shape
+    dtype = bool if planes.dtype == bool else planes.dtype
+    return _interleave(
+        [planes[:, c] for c in range(n_channels)], dtype, (n, height, width, n_channels)
+    )
 
 
 def _interleave(planes: list[np.ndarray], dtype, shape: tuple[int, ...]) -> np.ndarray:

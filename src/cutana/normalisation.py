@@ -18,12 +18,13 @@ Python float from float32 data, which NumPy 2 keeps in float32), so results agre
 ``PercentileInterval``/``ZScaleInterval`` + ``LinearStretch``/``LogStretch``/``AsinhStretch`` to
 float32 rounding.
 
-Speed: percentile limits of a whole chunk of images are found at once. Each (image, channel) is
-a row with invalid pixels set to +inf; rows are grouped by their number of valid pixels ``n``
-(normally one group: all pixels valid), and one ``np.partition`` per group selects the four order
-statistics that ``np.percentile`` interpolates between. This is identical to ``np.percentile`` on
-the valid values and several times faster than a per-image loop (no sort, no boolean copies).
-ZScale takes astropy's samples and runs its iterative line fit for all rows at once
+Speed: the engine normalises channel planes (N, C, H, W) (:func:`normalise_planes`), so each
+(image, channel) is one contiguous row of pixels, with invalid pixels set to +inf. Percentile
+limits of a whole chunk of rows are found at once from the few order statistics that
+``np.percentile`` interpolates between: a threshold from a strided sample of each row, then only
+the values beyond it sorted (:func:`_sorted_extremes`). This is identical to ``np.percentile`` on
+the valid values and several times faster than a per-image loop (no full sort, no boolean
+copies). ZScale takes astropy's samples and runs its iterative line fit for all rows at once
 (:func:`zscale_limits`), matching ``ZScaleInterval.get_limits`` to float64 rounding.
 """
 
@@ -224,18 +225,19 @@ def percentile_limits(
     return limits[0], limits[1]
 
 
-def _rows_of(images: np.ndarray, valid: np.ndarray, rows_slice, cols_slice):
-    """(N*C, P) float32 rows of the (cropped) channels with invalid = +inf, and valid counts."""
-    region = images[:, rows_slice, cols_slice, :]
-    region_valid = valid[:, rows_slice, cols_slice, :]
-    n_images, _, _, n_channels = region.shape
-    if region_valid.all():
-        rows = np.ascontiguousarray(region.transpose(0, 3, 1, 2))
-        rows = rows.reshape(n_images * n_channels, -1)
+def _rows_of(planes: np.ndarray, valid: np.ndarray | None, rows_slice, cols_slice):
+    """(N*C, P) float32 rows of the (cropped) planes with invalid = +inf, and valid counts.
+
+    Uncropped and fully valid planes are their own rows (a view, no copy).
+    """
+    region = planes[:, :, rows_slice, cols_slice]
+    n_images, n_channels = region.shape[:2]
+    if valid is None:
+        rows = np.ascontiguousarray(region).reshape(n_images * n_channels, -1)
         return rows, np.full(rows.shape[0], rows.shape[1], dtype=np.int64)
-    rows = np.where(region_valid, region, np.float32(np.inf)).transpose(0, 3, 1, 2)
-    rows = np.ascontiguousarray(rows).reshape(n_images * n_channels, -1)
-    counts = np.count_nonzero(rows != np.inf, axis=1)
+    region_valid = valid[:, :, rows_slice, cols_slice]
+    rows = np.where(region_valid, region, np.float32(np.inf)).reshape(n_images * n_channels, -1)
+    counts = np.count_nonzero(region_valid.reshape(rows.shape), axis=1)
     return rows, counts
 
 
@@ -364,10 +366,10 @@ def _percentiles_of(cfg: Mapping, method: str) -> tuple[float, float]:
     return lower, 100.0 - lower
 
 
-def _chunk_limits(images, valid, cfg, method, region):
-    """Limits (n, C) of one chunk of images whose ``valid`` already excludes non-finite values."""
+def _chunk_limits(planes, valid, cfg, method, region):
+    """Limits (n, C) of one chunk of planes whose ``valid`` already excludes non-finite values."""
     rows_slice, cols_slice = region
-    rows, counts = _rows_of(images, valid, rows_slice, cols_slice)
+    rows, counts = _rows_of(planes, valid, rows_slice, cols_slice)
     if method == "zscale":
         norm = cfg.get("normalisation", {})
         n_samples, contrast = int(norm.get("n_samples", 1000)), float(norm.get("contrast", 0.25))
@@ -375,27 +377,40 @@ def _chunk_limits(images, valid, cfg, method, region):
     else:
         lower, upper = _percentiles_of(cfg, method)
         low, high = percentile_limits(rows, counts, lower, upper)
-    shape = (images.shape[0], images.shape[3])
+    shape = planes.shape[:2]
     return low.reshape(shape), high.reshape(shape)
 
 
-def _valid_and_finite(images: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, bool]:
-    """``valid & isfinite(images)`` and whether that is all True, cheaply in the common case.
+def _valid_and_finite(planes: np.ndarray, valid: np.ndarray | None) -> np.ndarray | None:
+    """``valid & isfinite(planes)``, or None when every value is valid and finite.
 
-    A finite sum proves every value finite (one fast reduction instead of two passes).
+    ``valid`` None means all valid.
     """
-    if valid.all() and np.isfinite(np.sum(images, dtype=np.float64)):
-        return valid, True
-    valid = valid & np.isfinite(images)
-    return valid, bool(valid.all())
+    finite = np.isfinite(planes)  # one SIMD pass, 4x faster than a float64 sum
+    if finite.all():
+        return None if valid is None or valid.all() else valid
+    valid = finite if valid is None else valid & finite
+    return None if valid.all() else valid
 
 
-def _chunks(images: np.ndarray):
+def _chunks(planes: np.ndarray):
     """Slices of consecutive images holding about ``_CHUNK_PIXELS`` values each."""
-    per_image = max(1, int(np.prod(images.shape[1:])))
+    per_image = max(1, int(np.prod(planes.shape[1:])))
     step = max(1, _CHUNK_PIXELS // per_image)
-    for start in range(0, images.shape[0], step):
-        yield slice(start, min(start + step, images.shape[0]))
+    for start in range(0, planes.shape[0], step):
+        yield slice(start, min(start + step, planes.shape[0]))
+
+
+def _as_planes(images: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, C) images and validity as (N, C, H, W) planes (copies for C > 1)."""
+    images, valid = _checked(images, valid)
+    if images.shape[3] == 1:
+        shape = (images.shape[0], 1, images.shape[1], images.shape[2])
+        return images.reshape(shape), valid.reshape(shape)
+    return (
+        np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+        np.ascontiguousarray(valid.transpose(0, 3, 1, 2)),
+    )
 
 
 def interval_limits(
@@ -416,17 +431,17 @@ def interval_limits(
         Limits; NaN where an image channel has no valid pixel in the region. For method
         ``none`` with float32 output no limits are used and both are NaN.
     """
-    images, valid = _checked(images, valid)
+    planes, valid = _as_planes(images, valid)
     method = _method(cfg)
-    n_images, height, width, n_channels = images.shape
+    n_images, n_channels, height, width = planes.shape
     vmin = np.full((n_images, n_channels), np.nan)
     vmax = np.full((n_images, n_channels), np.nan)
     if method == "none" and _data_type(cfg) == "float32":
         return vmin, vmax
     region = crop_region(height, width, cfg)
-    for chunk in _chunks(images):
-        chunk_valid, _ = _valid_and_finite(images[chunk], valid[chunk])
-        vmin[chunk], vmax[chunk] = _chunk_limits(images[chunk], chunk_valid, cfg, method, region)
+    for chunk in _chunks(planes):
+        chunk_valid = _valid_and_finite(planes[chunk], valid[chunk])
+        vmin[chunk], vmax[chunk] = _chunk_limits(planes[chunk], chunk_valid, cfg, method, region)
     return vmin, vmax
 
 
@@ -499,56 +514,80 @@ def normalise_batch(images: np.ndarray, valid: np.ndarray, cfg: Mapping) -> np.n
         For an unknown method or data type, or a bad crop size.
     ValueError
         If ``images`` is not 4-D or ``valid`` has another shape.
+
+    See Also
+    --------
+    normalise_planes : the same on channel planes (N, C, H, W), as the engine calls it.
     """
-    images, valid = _checked(images, valid)
+    planes, valid = _as_planes(images, valid)
+    out = normalise_planes(planes, valid, cfg)
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+
+
+def normalise_planes(planes: np.ndarray, valid: np.ndarray | None, cfg: Mapping) -> np.ndarray:
+    """:func:`normalise_batch` on channel planes: (N, C, H, W) in, (N, C, H, W) out.
+
+    Each (image, channel) plane is one contiguous row of pixels, so limits are found and the
+    stretch applied without reordering the data (the engine mixes and normalises planes and
+    interleaves the channels once, for the output). ``valid`` None means every pixel is valid
+    (non-finite values still count as invalid). The arithmetic, and so every output value, is
+    that of :func:`normalise_batch`.
+    """
+    planes = np.asarray(planes, dtype=np.float32)
+    if planes.ndim != 4:
+        raise ValueError(f"planes must have shape (N, C, H, W), got {planes.shape}")
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != planes.shape:
+            raise ValueError(f"valid has shape {valid.shape} but planes have {planes.shape}")
     method = _method(cfg)
     data_type = _data_type(cfg)
     fill_value = float(cfg.get("fill_value", 0.0))
     if data_type == "uint8":
         fill = np.uint8(np.clip(np.rint(fill_value), 0, 255))
-        out = np.empty(images.shape, dtype=np.uint8)
+        out = np.empty(planes.shape, dtype=np.uint8)
     else:
         fill = np.float32(fill_value)
-        out = np.empty(images.shape, dtype=np.float32)
+        out = np.empty(planes.shape, dtype=np.float32)
     a = stretch_a({"normalisation_method": method, "normalisation": cfg.get("normalisation", {})})
-    region = crop_region(images.shape[1], images.shape[2], cfg)
+    region = crop_region(planes.shape[2], planes.shape[3], cfg)
 
     # Chunks of a few MB: limits and stretch of a chunk run while its data is still in cache.
-    for chunk in _chunks(images):
-        chunk_images = images[chunk]
-        chunk_valid, all_valid = _valid_and_finite(chunk_images, valid[chunk])
+    for chunk in _chunks(planes):
+        chunk_planes = planes[chunk]
+        chunk_valid = _valid_and_finite(chunk_planes, None if valid is None else valid[chunk])
         chunk_out = out[chunk]
         if method == "none" and data_type == "float32":
-            chunk_out[...] = chunk_images
-            if not all_valid:
+            chunk_out[...] = chunk_planes
+            if chunk_valid is not None:
                 chunk_out[~chunk_valid] = fill
             continue
-        vmin, vmax = _chunk_limits(chunk_images, chunk_valid, cfg, method, region)
+        vmin, vmax = _chunk_limits(chunk_planes, chunk_valid, cfg, method, region)
         # Channels without valid pixels or with a constant value map to t = 0 (SPEC §6).
         span = vmax - vmin
         usable = np.isfinite(span) & (span != 0)
-        offset = np.where(np.isfinite(vmin), vmin, 0.0).astype(np.float32)[:, None, None, :]
+        offset = np.where(np.isfinite(vmin), vmin, 0.0).astype(np.float32)[:, :, None, None]
         scale = np.where(usable, 1.0 / np.where(usable, span, 1.0), 0.0)
-        scale = scale.astype(np.float32)[:, None, None, :]
-        if chunk_images.shape[3] > 1:
-            # Per-channel constants repeated along a row: NumPy's inner loop then runs over
-            # W x C values instead of C (4x faster for 3 channels).
-            offset = np.tile(offset, (1, 1, chunk_images.shape[2], 1))
-            scale = np.tile(scale, (1, 1, chunk_images.shape[2], 1))
+        scale = scale.astype(np.float32)[:, :, None, None]
         # float32 output is computed in place in ``out``; uint8 needs a float32 scratch array.
-        t = chunk_out if data_type == "float32" else np.empty(chunk_images.shape, np.float32)
+        t = chunk_out if data_type == "float32" else np.empty(chunk_planes.shape, np.float32)
         with np.errstate(invalid="ignore"):  # inf * 0 under invalid pixels: replaced below
-            np.subtract(chunk_images, offset, out=t)
+            np.subtract(chunk_planes, offset, out=t)
             t *= scale
-        # fmax/fmin clip like np.clip on valid (finite) values and also map the NaN/inf of
-        # invalid pixels into [0, 1]; masked assignments would cost 10x an arithmetic pass.
-        np.fmax(t, 0.0, out=t)
-        np.fmin(t, 1.0, out=t)
+        if chunk_valid is None and usable.all():
+            # Finite data times a finite, nonzero scale: no NaN to clip (astropy's np.clip).
+            np.clip(t, 0.0, 1.0, out=t)
+        else:
+            # fmax/fmin clip like np.clip on valid (finite) values and also map the NaN/inf of
+            # invalid pixels into [0, 1] (6x slower than np.clip, 10x faster than a masked
+            # assignment).
+            np.fmax(t, 0.0, out=t)
+            np.fmin(t, 1.0, out=t)
         _stretch_in_place(t, method, a)
         if data_type == "uint8":
             t *= 255.0
             np.rint(t, out=t)
-        if not all_valid:
+        if chunk_valid is not None:
             t *= chunk_valid  # invalid -> 0 (t is finite here)
             if fill != 0:
                 t += np.float32(fill) * ~chunk_valid
