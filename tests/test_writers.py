@@ -324,3 +324,25 @@ def test_safe_filename_collisions():
     assert used == {first, second, third, again}
     # Distinct long IDs sharing their first 100 characters stay distinct.
     assert safe_filename("y" * 150 + "1", set()) != safe_filename("y" * 150 + "2", set())
+
+
+def test_every_shard_is_handed_to_the_disk_as_soon_as_written(tmp_path, monkeypatch):
+    from cutana import writers
+
+    advised = []
+
+    def fadvise(fd, offset, length, advice):
+        advised.append((os.fstat(fd).st_size, advice))
+
+    monkeypatch.setattr(writers.os, "posix_fadvise", fadvise, raising=False)
+    writer = writers.ZarrShardWriter(tmp_path, (256, 256, 3), np.float32, max_images=1000)
+    images = np.random.default_rng(0).random((100, 256, 256, 3), dtype=np.float32)
+    writer.append(images)
+    writer.close()
+    shards = sorted((tmp_path / "images.zarr" / "images" / "c").iterdir())
+    assert len(shards) == 2 == len(advised)  # a 64 MB shard of 85 images, then 15
+    assert all(advice == os.POSIX_FADV_DONTNEED and size > 0 for size, advice in advised)
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "images.zarr" / "images")[:], images)
+    # Where the call does not exist, writing works the same.
+    monkeypatch.delattr(writers.os, "posix_fadvise")
+    writers.start_writeback(0)

@@ -94,6 +94,21 @@ def _fsync_tree(root: Path) -> None:
         _fsync_directory(Path(directory))
 
 
+def start_writeback(fd: int) -> None:
+    """Let the kernel start writing a finished file's pages to disk now, without waiting.
+
+    The batch is fsynced once complete (:func:`atomic_directory`); by then most of it is on
+    disk already, written while the job computed the next shards, instead of hundreds of MB
+    at the end of every job (the kernel's own writeback starts only past ~10 % of RAM dirty or
+    after 30 s). ``POSIX_FADV_DONTNEED`` starts that writeback for dirty pages and drops the
+    file's clean pages from the page cache, so written cutouts do not push the mosaics out.
+    A no-op where the call does not exist.
+    """
+    fadvise = getattr(os, "posix_fadvise", None)
+    if fadvise is not None:
+        fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -289,6 +304,8 @@ class ZarrShardWriter:
                 handle.write(part)
             handle.write(index_bytes)
             handle.write(checksum)
+            handle.flush()
+            start_writeback(handle.fileno())
         self._shards_written += 1
         self._parts = []
 
