@@ -392,7 +392,8 @@ def process_batch(batch, cfg: Mapping, sink=None) -> BatchResult:
             bands, band_valid = _process_chunk(rows, plans, cfg, reasons, touched_invalid)
             # Channel planes (K, C, T, T) throughout; the channels are interleaved once, for
             # the output's (K, T, T, C) layout.
-            mixed, mixed_valid = mix_planes(bands, band_valid, weights)
+            # resample_stack's values are finite (0 where invalid).
+            mixed, mixed_valid = mix_planes(bands, band_valid, weights, finite=True)
             del bands, band_valid
             finished = normalise_planes(mixed, mixed_valid, cfg)
             if mixed_valid is not None:
