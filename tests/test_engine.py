@@ -360,3 +360,54 @@ def test_cutout_job_reuses_freed_memory_instead_of_faulting_it_in_again():
     applied, faults = third_cycle("tuned")
     assert applied == "True"
     assert faults < pages // 20
+
+
+@pytest.mark.parametrize(
+    "interpolation,target", [("bilinear", 24), ("lanczos", 40), ("nearest", 24), ("bilinear", 16)]
+)
+def test_whole_stamps_path_equals_the_general_path(
+    tmp_path, write_fits, make_wcs, monkeypatch, interpolation, target
+):
+    """Stamps wholly inside their image skip the per-group masks; the result is unchanged."""
+    from cutana import engine
+
+    wcs = make_wcs(SHAPE)
+    vis_path = write_fits(tmp_path / "vis.fits", _image(8), wcs, header_cards={"MAGZERO": 25.0})
+    nir_path = write_fits(tmp_path / "nir.fits", _image(9), wcs, header_cards={"MAGZERO": 24.0})
+    cfg = _config(
+        target_resolution=target,
+        interpolation=interpolation,
+        normalisation_method="asinh",
+        apply_flux_conversion=True,
+        channel_weights={"VIS": [1.0, 0.5], "NIR": [0.0, 0.5]},
+    )
+    # Whole stamps of several sizes (one equal to the target), edge stamps, the NaN pixel.
+    positions = POSITIONS + [(40.4, 30.6), (80.0, 50.0), (60.0, 60.0)]
+    sizes = [16.0, 12.0, 24.0]
+    batch = pd.concat(
+        [_batch(wcs, positions, [vis_path, nir_path], diameter_pixel=size) for size in sizes],
+        ignore_index=True,
+    )
+    whole_calls = []
+    resample_whole = engine._resample_whole_stamps
+
+    def counting(rows, windows, *args):
+        rest = resample_whole(rows, windows, *args)
+        whole_calls.append(len(rows) - len(rest))
+        return rest
+
+    monkeypatch.setattr(engine, "_resample_whole_stamps", counting)
+    fast = process_batch(batch, cfg)
+    monkeypatch.setattr(engine, "_resample_whole_stamps", lambda rows, *args: np.arange(len(rows)))
+    general = process_batch(batch, cfg)
+
+    if interpolation == "nearest" and target > 16:
+        assert sum(whole_calls) < len(batch) * 2  # enlarging by nearest takes the general path
+    else:
+        assert sum(whole_calls) >= len(batch)  # most stamps of both bands took the new path
+    np.testing.assert_array_equal(fast.images.view(np.uint32), general.images.view(np.uint32))
+    pd.testing.assert_frame_equal(fast.index, general.index)
+    pd.testing.assert_frame_equal(
+        fast.metadata.drop(columns="processing_timestamp"),
+        general.metadata.drop(columns="processing_timestamp"),
+    )

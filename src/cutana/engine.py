@@ -284,6 +284,68 @@ def _groups_by_file_and_size(files: np.ndarray, sizes: np.ndarray) -> list[np.nd
     return groups
 
 
+def _resample_whole_stamps(
+    rows: np.ndarray,
+    windows: StampWindows,
+    files: np.ndarray,
+    plan: _BandPlan,
+    target: int,
+    interpolation: str,
+    band_out: np.ndarray,
+    band_valid: np.ndarray,
+) -> np.ndarray:
+    """Cut and resample the stamps lying wholly inside their image, one at a time.
+
+    Most stamps of a batch are whole, finite and unscaled: they are read straight from the
+    image into one stamp buffer and resampled straight into their plane of ``band_out``
+    (``(K, T, T)``), which is what :func:`extract_stamps` + :func:`resample_stack` compute for
+    them, without those functions' per-group masks and copies (~3x less time per stamp at
+    64 px). Returns the positions (into ``rows``) of the other stamps, for that general path:
+    stamps crossing the image edge or missing it, holding a non-finite pixel, with
+    nearest-neighbour enlarging, or whose read fails (the general path reports the error).
+    """
+    from .resample import ENLARGE_FLAGS, resize_flag, resize_plane
+
+    whole = ~windows.partial & ~windows.no_overlap
+    candidates = np.flatnonzero(whole)
+    if candidates.size == 0:
+        return np.arange(len(rows))
+    # Image order (file, then rows, then columns), as extract_stamps reads within a group.
+    file_codes = np.unique(files[candidates].astype(str), return_inverse=True)[1]
+    order = np.lexsort((windows.large_x0[candidates], windows.large_y0[candidates], file_codes))
+    factors = plan.flux_factor[rows].astype(np.float32)
+    flags: dict[int, int | None] = {}
+    rest = np.ones(len(rows), dtype=bool)
+    for local in candidates[order].tolist():
+        handle = plan.handles.get(files[local])
+        read_into = getattr(handle, "read_into", None)
+        side = int(windows.size[local])
+        if side not in flags:
+            flags[side] = resize_flag(side, target, interpolation)
+        flag = flags[side]
+        if read_into is None or flag == ENLARGE_FLAGS["nearest"]:
+            continue
+        stamp = np.empty((side, side), dtype=np.float32)
+        try:
+            read_into(
+                stamp,
+                int(windows.large_y0[local]),
+                int(windows.large_y1[local]),
+                int(windows.large_x0[local]),
+                int(windows.large_x1[local]),
+            )
+        except Exception:  # noqa: BLE001 - the general path reads it again and reports why
+            continue
+        if not np.isfinite(stamp).all():
+            continue
+        if factors[local] != 1:
+            stamp *= factors[local]
+        resize_plane(stamp, flag, band_out[local])
+        band_valid[local] = True
+        rest[local] = False
+    return np.flatnonzero(rest)
+
+
 def _process_chunk(
     rows: np.ndarray,
     plans: list[_BandPlan],
@@ -303,7 +365,11 @@ def _process_chunk(
     for b, plan in enumerate(plans):
         windows = plan.windows.take(rows)
         files = plan.file_of_row[rows]
-        for local in _groups_by_file_and_size(files, windows.size):
+        rest = _resample_whole_stamps(
+            rows, windows, files, plan, target, interpolation, bands[:, b], valid[:, b]
+        )
+        for group in _groups_by_file_and_size(files[rest], windows.size[rest]):
+            local = rest[group]
             path = files[local[0]]
             handle = plan.handles.get(path)
             if handle is None:  # the file failed to open; its rows are already failed

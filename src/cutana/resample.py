@@ -98,8 +98,22 @@ def _resize_stack(stack: np.ndarray, target: int, flag: int) -> np.ndarray:
     """
     out = np.empty((stack.shape[0], target, target), dtype=np.float32)
     for plane, destination in zip(stack, out, strict=True):
-        cv2.resize(plane, (target, target), dst=destination, interpolation=flag)
+        resize_plane(plane, flag, destination)
     return out
+
+
+def resize_plane(plane: np.ndarray, flag: int | None, out: np.ndarray) -> None:
+    """Resample one fully valid float32 plane (S, S) into ``out`` (T, T), in place.
+
+    What :func:`resample_stack` does to a stamp without invalid pixels, for the flags of
+    :func:`resize_flag` other than nearest neighbour (whose exact indexing needs the stack):
+    ``None`` copies, the others are one ``cv2.resize`` written straight into ``out`` (which
+    must be a C-contiguous float32 (T, T) array, e.g. one plane of a larger stack).
+    """
+    if flag is None:
+        out[...] = plane
+    else:
+        cv2.resize(plane, (out.shape[1], out.shape[0]), dst=out, interpolation=flag)
 
 
 def resample_stack(
