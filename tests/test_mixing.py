@@ -120,3 +120,19 @@ def test_one_band_per_channel_reuses_the_bands_and_all_valid_is_none():
     swapped, _ = mix_planes(bands, valid, np.eye(3)[:, [1, 0, 2]])
     assert not np.shares_memory(swapped, bands)
     np.testing.assert_array_equal(swapped[:, 0], bands[:, 1])
+
+
+def test_finite_zeroed_bands_are_mixed_without_copies():
+    from cutana.mixing import mix_planes
+
+    bands, valid = _bands()
+    valid[0, 1, 2:4] = False
+    bands[~valid] = 0.0  # as resample_stack returns them
+    weights = [[1.0, 0.0], [0.5, 0.0], [0.0, 1.0]]
+    for w in (np.eye(3), weights):
+        planes, planes_valid = mix_planes(bands, valid, w, finite=True)
+        expected, expected_valid = mix_planes(bands, valid, w)
+        np.testing.assert_array_equal(planes, expected)
+        np.testing.assert_array_equal(planes_valid, expected_valid)
+    planes, planes_valid = mix_planes(bands, valid, np.eye(3), finite=True)
+    assert planes is bands and planes_valid is valid

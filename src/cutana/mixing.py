@@ -66,8 +66,9 @@ def mix_planes(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`mix_channels` with channel planes out: (N, C, T, T) images and validity.
 
-    ``finite=True`` promises that every value of ``bands`` is finite (as
-    :func:`cutana.resample.resample_stack` returns them), which saves a pass over the data.
+    ``finite=True`` promises that every value of ``bands`` is finite and 0 wherever ``valid``
+    is False (as :func:`cutana.resample.resample_stack` returns them), which saves a pass over
+    the data and the zeroed copies of bands with invalid pixels.
 
     Returns
     -------
@@ -75,7 +76,8 @@ def mix_planes(
         The mixed channels. When every channel is one band with weight 1, in band order (the
         usual one band per channel), this is ``bands`` itself (no copy).
     planes_valid : ndarray of bool, shape (N, C, T, T), or None
-        Validity as in :func:`mix_channels`; None when every pixel of every channel is valid.
+        Validity as in :func:`mix_channels`; None when every pixel of every channel is valid;
+        ``valid`` itself when ``planes`` is ``bands`` and ``finite=True``.
     """
     bands = np.asarray(bands, dtype=np.float32)
     valid = np.asarray(valid, dtype=bool)
@@ -107,6 +109,8 @@ def mix_planes(
             del is_finite
         if ok.all():
             clean[band], band_valid[band] = data, None
+        elif finite:
+            clean[band], band_valid[band] = data, ok  # already 0 where invalid
         else:
             clean[band], band_valid[band] = np.where(ok, data, np.float32(0)), ok
     # A multiply-add per (band, channel) pair with a nonzero weight on contiguous planes is
@@ -142,6 +146,9 @@ def mix_planes(
             mixed[:, channel] = plane
     if all(ok is None for ok in plane_valid):
         return mixed, None
+    if mixed is bands and finite:
+        # One band per channel, in order: each channel's validity is its band's.
+        return mixed, valid
     mixed_valid = np.ones((n, n_channels, height, width), dtype=bool)
     for channel, ok in enumerate(plane_valid):
         if ok is not None:

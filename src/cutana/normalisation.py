@@ -381,16 +381,18 @@ def _chunk_limits(planes, valid, cfg, method, region):
     return low.reshape(shape), high.reshape(shape)
 
 
-def _valid_and_finite(planes: np.ndarray, valid: np.ndarray | None) -> np.ndarray | None:
-    """``valid & isfinite(planes)``, or None when every value is valid and finite.
+def _valid_and_finite(
+    planes: np.ndarray, valid: np.ndarray | None
+) -> tuple[np.ndarray | None, bool]:
+    """``valid & isfinite(planes)`` (None when all True), and whether every value is finite.
 
     ``valid`` None means all valid.
     """
     finite = np.isfinite(planes)  # one SIMD pass, 4x faster than a float64 sum
     if finite.all():
-        return None if valid is None or valid.all() else valid
+        return (None if valid is None or valid.all() else valid), True
     valid = finite if valid is None else valid & finite
-    return None if valid.all() else valid
+    return (None if valid.all() else valid), False
 
 
 def _chunks(planes: np.ndarray):
@@ -440,7 +442,7 @@ def interval_limits(
         return vmin, vmax
     region = crop_region(height, width, cfg)
     for chunk in _chunks(planes):
-        chunk_valid = _valid_and_finite(planes[chunk], valid[chunk])
+        chunk_valid, _ = _valid_and_finite(planes[chunk], valid[chunk])
         vmin[chunk], vmax[chunk] = _chunk_limits(planes[chunk], chunk_valid, cfg, method, region)
     return vmin, vmax
 
@@ -555,7 +557,9 @@ def normalise_planes(planes: np.ndarray, valid: np.ndarray | None, cfg: Mapping)
     # Chunks of a few MB: limits and stretch of a chunk run while its data is still in cache.
     for chunk in _chunks(planes):
         chunk_planes = planes[chunk]
-        chunk_valid = _valid_and_finite(chunk_planes, None if valid is None else valid[chunk])
+        chunk_valid, all_finite = _valid_and_finite(
+            chunk_planes, None if valid is None else valid[chunk]
+        )
         chunk_out = out[chunk]
         if method == "none" and data_type == "float32":
             chunk_out[...] = chunk_planes
@@ -574,12 +578,12 @@ def normalise_planes(planes: np.ndarray, valid: np.ndarray | None, cfg: Mapping)
         with np.errstate(invalid="ignore"):  # inf * 0 under invalid pixels: replaced below
             np.subtract(chunk_planes, offset, out=t)
             t *= scale
-        if chunk_valid is None and usable.all():
+        if all_finite and usable.all():
             # Finite data times a finite, nonzero scale: no NaN to clip (astropy's np.clip).
             np.clip(t, 0.0, 1.0, out=t)
         else:
-            # fmax/fmin clip like np.clip on valid (finite) values and also map the NaN/inf of
-            # invalid pixels into [0, 1] (6x slower than np.clip, 10x faster than a masked
+            # fmax/fmin clip like np.clip on finite values and also map the NaN/inf of invalid
+            # pixels into [0, 1] (6x slower than np.clip, 10x faster than a masked
             # assignment).
             np.fmax(t, 0.0, out=t)
             np.fmin(t, 1.0, out=t)
