@@ -9,23 +9,22 @@ one vocabulary.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import sys
-import tomllib
 import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import tomli_w
-import yaml
-from dotmap import DotMap
+from typing import TYPE_CHECKING, Any
 
 from .exceptions import ConfigValidationError
 from .paths import config_schema_path
+
+# yaml, dotmap and the TOML modules are imported where used: a cutout job, which only reads
+# the validated config it is given, then loads none of them (~20 ms of its start-up).
+if TYPE_CHECKING:
+    from dotmap import DotMap
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +35,8 @@ DEFAULT_STRETCH_A = {"asinh": 0.7, "log": 1000.0}
 @lru_cache(maxsize=1)
 def load_schema() -> dict:
     """Return the config JSON schema (parsed once)."""
+    import yaml
+
     with open(config_schema_path(), encoding="utf-8") as handle:
         return yaml.safe_load(handle)
 
@@ -59,7 +60,8 @@ def default_config_dict() -> dict:
 def to_plain(config: Mapping | DotMap) -> dict:
     """Convert a DotMap (or nested mapping) to plain dicts and lists, dropping empty DotMaps that
     attribute access created by accident."""
-    if isinstance(config, DotMap):
+    dotmap = sys.modules.get("dotmap")  # a DotMap exists only once dotmap is imported
+    if dotmap is not None and isinstance(config, dotmap.DotMap):
         config = config.toDict()
 
     def clean(value):
@@ -263,6 +265,8 @@ def config_hash(config: Mapping) -> str:
     }
     relevant = {k: v for k, v in plain.items() if k not in ignored}
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    import hashlib  # here: loading OpenSSL costs every job ~10 ms, and jobs never hash
+
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -272,6 +276,8 @@ def get_default_config() -> DotMap:
     Every key of the upstream configuration table is present with its default, plus cutana's own
     keys (``fill_value``, ``gallery``, ``memory``, ``demo``).
     """
+    from dotmap import DotMap
+
     return DotMap(default_config_dict(), _dynamic=False)
 
 
@@ -291,6 +297,8 @@ def save_config_toml(config: Mapping | DotMap, filepath: str | Path) -> str:
     """
     path = Path(filepath)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import tomli_w
+
     plain = _drop_none(to_plain(config))
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
@@ -304,6 +312,10 @@ def load_config_toml(filepath: str | Path) -> DotMap:
 
     The file is parsed as data only; nothing in it is executed.
     """
+    import tomllib
+
+    from dotmap import DotMap
+
     with open(filepath, "rb") as handle:
         data = tomllib.load(handle)
     return DotMap(_merge(default_config_dict(), data), _dynamic=False)
@@ -314,6 +326,8 @@ def load_config_file(filepath: str | Path) -> dict:
     path = Path(filepath)
     if path.suffix.lower() == ".toml":
         return to_plain(load_config_toml(path))
+    import yaml
+
     with open(path, encoding="utf-8") as handle:
         data = yaml.safe_load(handle) or {}
     if not isinstance(data, dict):
