@@ -345,4 +345,28 @@ def test_every_shard_is_handed_to_the_disk_as_soon_as_written(tmp_path, monkeypa
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "images.zarr" / "images")[:], images)
     # Where the call does not exist, writing works the same.
     monkeypatch.delattr(writers.os, "posix_fadvise")
-    writers.start_writeback(0)
+    writers.release_page_cache(0)
+
+
+def test_a_written_batch_leaves_the_page_cache_once_on_disk(tmp_path, monkeypatch):
+    from cutana import writers
+
+    synced, advised = set(), []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def fadvise(fd, offset, length, advice):
+        inode = os.fstat(fd).st_ino
+        advised.append((inode, inode in synced, advice))
+
+    monkeypatch.setattr(writers.os, "fsync", fsync)
+    monkeypatch.setattr(writers.os, "posix_fadvise", fadvise, raising=False)
+    batch = write_zarr_batch(tmp_path / "batch", _images(7), _metadata(7))
+    files = {path.stat().st_ino for path in batch.rglob("*") if path.is_file()}
+    # Every file of the batch is fsynced, then dropped from the page cache.
+    dropped = {ino for ino, was_synced, advice in advised if was_synced}
+    assert files and dropped == files
+    assert all(advice == os.POSIX_FADV_DONTNEED for _, _, advice in advised)

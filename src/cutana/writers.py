@@ -86,23 +86,29 @@ def _glob_escape(name: str) -> str:
 
 
 def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` to disk, so the rename publishes data."""
+    """Flush every file and directory under ``root`` to disk, so the rename publishes data.
+
+    Each file's pages, clean once fsynced, then leave the page cache (:func:`release_page_cache`):
+    a run writes far more cutouts than it reads back, and cached cutouts would push out the
+    mosaics the next jobs read, or make the kernel reclaim them the hard way.
+    """
     for directory, _, files in os.walk(root):
         for name in files:
             with open(os.path.join(directory, name), "rb") as handle:
                 os.fsync(handle.fileno())
+                release_page_cache(handle.fileno())
         _fsync_directory(Path(directory))
 
 
-def start_writeback(fd: int) -> None:
-    """Let the kernel start writing a finished file's pages to disk now, without waiting.
+def release_page_cache(fd: int) -> None:
+    """Let the kernel write a file's dirty pages to disk now, and drop its clean ones.
 
     The batch is fsynced once complete (:func:`atomic_directory`); by then most of it is on
     disk already, written while the job computed the next shards, instead of hundreds of MB
     at the end of every job (the kernel's own writeback starts only past ~10 % of RAM dirty or
-    after 30 s). ``POSIX_FADV_DONTNEED`` starts that writeback for dirty pages and drops the
-    file's clean pages from the page cache, so written cutouts do not push the mosaics out.
-    A no-op where the call does not exist.
+    after 30 s). ``POSIX_FADV_DONTNEED`` starts that writeback for dirty pages (without
+    waiting) and drops the file's clean pages from the page cache. A no-op where the call does
+    not exist.
     """
     fadvise = getattr(os, "posix_fadvise", None)
     if fadvise is not None:
@@ -305,7 +311,7 @@ class ZarrShardWriter:
             handle.write(index_bytes)
             handle.write(checksum)
             handle.flush()
-            start_writeback(handle.fileno())
+            release_page_cache(handle.fileno())
         self._shards_written += 1
         self._parts = []
 
