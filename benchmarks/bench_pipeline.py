@@ -143,6 +143,21 @@ def load() -> str:
     return f"{os.getloadavg()[0]:.1f}"
 
 
+def logged_peak_rss_mb(results: Path) -> list[float]:
+    """Peak RSS of every cutout job, as the job logged it (kernel high-water mark, MB).
+
+    Snakemake's ``max_rss`` comes from samples a few tenths of a second apart and misses the
+    peak of a job that short (it reads the shell that starts Python).
+    """
+    peaks = []
+    for log in glob.glob(str(results / ".cutana" / "logs" / "cutout_batch" / "*.log")):
+        with open(log, encoding="utf-8") as handle:
+            for line in handle:
+                if "peak RSS" in line:
+                    peaks.append(float(line.rsplit("peak RSS", 1)[1].split()[0]))
+    return peaks
+
+
 def benchmark_rows(results: Path) -> dict[str, list[dict]]:
     """Snakemake benchmark rows per rule (``s``, ``max_rss``, ...) of a finished run."""
     rules: dict[str, list[dict]] = {}
@@ -214,6 +229,7 @@ def cutana_cell(
     rules = benchmark_rows(out / "results")
     cutout = rules.get("cutout_batch", [])
     job_rss = [row["max_rss"] for row in cutout if isinstance(row.get("max_rss"), float)]
+    job_rss += logged_peak_rss_mb(out / "results")
     job_seconds = [row["s"] for row in cutout if isinstance(row.get("s"), float)]
     parallel = max(1, min(args.cores, len(job_seconds)))
     stage_s = sum(job_seconds) / parallel if job_seconds else float("nan")

@@ -6,6 +6,7 @@ from pathlib import Path
 from script_logging import exit_without_teardown, logged_step
 
 from cutana.engine import run_batch
+from cutana.memory_model import peak_rss_mb
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 
@@ -26,6 +27,9 @@ with logged_step(smk.log[0], smk.config["log_level"], "cutout_batch") as log:
         dict(smk.config),
         config_validated=True,
     )
+    # Snakemake's benchmark samples memory every few tenths of a second and misses the peak
+    # of a short job; the kernel's high-water mark does not.
+    log.info("peak RSS %.1f MB", peak_rss_mb())
 
 # The batch folder and the status file are written, fsynced and renamed into place.
 exit_without_teardown()

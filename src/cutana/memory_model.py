@@ -495,7 +495,7 @@ def _run_sizes(n_sample: int) -> list[int]:
     return [min(WARMUP_SOURCES, n_sample), max((n_sample + 1) // 2, 1), n_sample]
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process (MB).
 
     On Linux this is ``VmHWM`` of ``/proc/self/status``: the high-water mark of this process's
@@ -546,7 +546,7 @@ def _measure_runs(sample: pa.Table, cfg: dict, scratch: Path, run_batch, reset: 
             str(scratch / f"run{run}_status.parquet"),
             cfg,
         )
-        peaks.append(_peak_rss_mb())
+        peaks.append(peak_rss_mb())
     return {"peaks_mb": peaks, "elapsed_s": time.perf_counter() - started}
 
 
