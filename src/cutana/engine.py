@@ -296,11 +296,12 @@ def _resample_whole_stamps(
 ) -> np.ndarray:
     """Cut and resample the stamps lying wholly inside their image, one at a time.
 
-    Most stamps of a batch are whole, finite and unscaled: they are read straight from the
-    image into one stamp buffer and resampled straight into their plane of ``band_out``
-    (``(K, T, T)``), which is what :func:`extract_stamps` + :func:`resample_stack` compute for
-    them, without those functions' per-group masks and copies (~3x less time per stamp at
-    64 px). Returns the positions (into ``rows``) of the other stamps, for that general path:
+    Most stamps of a batch lie wholly inside their image and are finite: they are read
+    straight from the image into one stamp buffer and resampled straight into their plane of
+    ``band_out`` (``(K, T, T)``), which is what :func:`extract_stamps` + :func:`resample_stack`
+    compute for them, without those functions' per-group masks, fills and copies (engine at
+    64 px x 3 ch: 1942 -> 2362 sources/s). Returns the positions (into ``rows``) of the other
+    stamps, for that general path:
     stamps crossing the image edge or missing it, holding a non-finite pixel, with
     nearest-neighbour enlarging, or whose read fails (the general path reports the error).
     """
@@ -457,8 +458,8 @@ def process_batch(batch, cfg: Mapping, sink=None) -> BatchResult:
             rows = todo[start : start + step]
             bands, band_valid = _process_chunk(rows, plans, cfg, reasons, touched_invalid)
             # Channel planes (K, C, T, T) throughout; the channels are interleaved once, for
-            # the output's (K, T, T, C) layout.
-            # resample_stack's values are finite (0 where invalid).
+            # the output's (K, T, T, C) layout. The bands are finite and 0 where invalid, as
+            # resample_stack and the whole-stamp path write them.
             mixed, mixed_valid = mix_planes(bands, band_valid, weights, finite=True)
             del bands, band_valid
             finished = normalise_planes(mixed, mixed_valid, cfg)

@@ -99,8 +99,9 @@ def mix_planes(
     # common case) and its validity (None when fully valid).
     clean: dict[int, np.ndarray] = {}
     band_valid: dict[int, np.ndarray | None] = {}
+    bands_views = {}
     for band in np.flatnonzero(np.any(weights != 0, axis=1)).tolist():
-        data = bands[:, band]
+        data = bands_views[band] = bands[:, band]
         ok = valid[:, band]
         if not finite:
             is_finite = np.isfinite(data)  # one SIMD pass, 4x faster than a float64 sum
@@ -118,6 +119,7 @@ def mix_planes(
     # is that band's plane without arithmetic. A zero weight never lets a NaN (or an invalid
     # pixel) through.
     planes, plane_valid = [], []
+    as_band = []  # per channel: whether it is band ``channel`` itself, unchanged
     for channel in range(n_channels):
         used = np.flatnonzero(weights[:, channel]).tolist()
         ok = None
@@ -126,7 +128,9 @@ def mix_planes(
                 ok = band_valid[band] if ok is None else ok & band_valid[band]
         if len(used) == 1 and weights[used[0], channel] == 1:
             plane = clean[used[0]]
+            as_band.append(used[0] == channel and plane is bands_views[channel])
         else:
+            as_band.append(False)
             plane = np.zeros((n, height, width), dtype=np.float32)
             for band in used:
                 weight = np.float32(weights[band, channel])
@@ -136,11 +140,9 @@ def mix_planes(
             plane = np.where(ok, plane, np.float32(0))
         planes.append(plane)
         plane_valid.append(ok)
-    if n_channels == n_bands and all(_is_band(p, bands, c) for c, p in enumerate(planes)):
+    if n_channels == n_bands and all(as_band):
         mixed = bands  # one band per channel, in order: the bands are the planes
     else:
-        mixed = None
-    if mixed is None:
         mixed = np.empty((n, n_channels, height, width), dtype=np.float32)
         for channel, plane in enumerate(planes):
             mixed[:, channel] = plane
@@ -154,16 +156,6 @@ def mix_planes(
         if ok is not None:
             mixed_valid[:, channel] = ok
     return mixed, mixed_valid
-
-
-def _is_band(plane: np.ndarray, bands: np.ndarray, band: int) -> bool:
-    """Whether ``plane`` is exactly the view ``bands[:, band]`` (same memory, same strides)."""
-    view = bands[:, band]
-    return (
-        plane.shape == view.shape
-        and plane.strides == view.strides
-        and plane.__array_interface__["data"][0] == view.__array_interface__["data"][0]
-    )
 
 
 def interleave_planes(planes: np.ndarray) -> np.ndarray:
