@@ -156,3 +156,27 @@ def test_merge_index_writes_index_summary_and_config(two_batches, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "cutana_config.toml", "run_summary.json", "source_to_zarr_mapping.parquet",
     ]  # fmt: skip
+
+
+def test_benchmark_files_left_empty_by_a_killed_run_are_skipped(tmp_path, caplog):
+    """A run killed while Snakemake wrote a benchmark file leaves it empty or cut short; the
+    resumed run does not rewrite it (that job had finished), and the index must still be made."""
+    bench = tmp_path / "benchmarks"
+    write_benchmark(bench / "cutout_batch" / f"{BATCH_A}.tsv", 2.0, 150.5)
+    (bench / "cutout_batch" / f"{BATCH_B}.tsv").write_text("")
+    (bench / "merge_index.tsv").write_text("h:m:s\tmax_rss\n")
+    with caplog.at_level("WARNING", logger="cutana.index"):
+        timings = benchmark_timings(
+            [*sorted((bench / "cutout_batch").iterdir()), bench / "merge_index.tsv"]
+        )
+    assert timings == {
+        "cutout_batch": {
+            "jobs": 1,
+            "total_s": 2.0,
+            "mean_s": 2.0,
+            "max_s": 2.0,
+            "max_rss_mb": 150.5,
+        }
+    }
+    assert str(bench / "cutout_batch" / f"{BATCH_B}.tsv") in caplog.text
+    assert "merge_index.tsv" in caplog.text

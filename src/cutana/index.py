@@ -8,6 +8,7 @@ listed with the reason.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -18,6 +19,8 @@ import pandas as pd
 
 from .config import config_hash, save_config_toml
 from .exceptions import CutanaError
+
+logger = logging.getLogger(__name__)
 
 INDEX_NAME = "source_to_zarr_mapping.parquet"
 SUMMARY_NAME = "run_summary.json"
@@ -118,7 +121,10 @@ def benchmark_timings(benchmark_paths: Iterable[str | Path]) -> dict:
 
     A file ``.../benchmarks/cutout_batch/{batch}.tsv`` counts for the rule of its folder, a file
     ``.../benchmarks/{rule}.tsv`` for its own name. Missing files are skipped (e.g. the demo
-    rule when the catalogue is the user's).
+    rule when the catalogue is the user's), and so are empty or unreadable ones, with a warning:
+    a run killed while Snakemake wrote a benchmark file leaves it so, and its resumed run does
+    not rewrite the file of a job that had finished. Timings are information; the index and the
+    outputs never depend on them.
 
     Parameters
     ----------
@@ -135,7 +141,14 @@ def benchmark_timings(benchmark_paths: Iterable[str | Path]) -> dict:
         if not path.is_file():
             continue
         rule = path.stem if path.parent.name == "benchmarks" else path.parent.name
-        table = pd.read_csv(path, sep="\t", na_values=["-", "NA"])
+        try:
+            table = pd.read_csv(path, sep="\t", na_values=["-", "NA"])
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+            logger.warning("benchmark file %s skipped (%s): its job's time is unknown", path, error)
+            continue
+        if "s" not in table.columns:
+            logger.warning("benchmark file %s skipped: it has no 's' (seconds) column", path)
+            continue
         per_rule.setdefault(rule, []).append(table)
     timings = {}
     for rule, tables in sorted(per_rule.items()):
