@@ -538,9 +538,9 @@ def _metadata(
     pixels = np.where(np.isfinite(pixels), pixels, np.rint(arcsec / scale))
     arcsec = np.where(np.isfinite(arcsec), arcsec, pixels * scale)
     headers = []
-    # One header template per file: the text of each cutout is the parent's with a few values
-    # changed (CRPIX, CD/PC, SIP), ~50x faster than serialising a WCS per cutout.
-    templates: dict = {}
+    # The header template of each file (made once by its handle): the text of each cutout is
+    # the parent's with a few values changed (CRPIX, CD/PC, SIP), ~50x faster than serialising
+    # a WCS per cutout.
     origin_x = windows.origin_x.tolist()
     origin_y = windows.origin_y.tolist()
     for k, row in enumerate(todo.tolist()):
@@ -549,9 +549,7 @@ def _metadata(
         if handle is None or not np.isfinite(scale[k]):
             headers.append("")  # reference band unreadable cannot happen for ok/partial rows
             continue
-        template = templates.get(path)
-        if template is None:
-            template = templates[path] = handle.cutout_header_template()
+        template = handle.cutout_header_template()
         headers.append(template.text(origin_x[k], origin_y[k], target / float(size[k])))
     tiles = columns["tile"][todo] if columns["tile"] is not None else [""] * len(todo)
     n_images = len(todo)

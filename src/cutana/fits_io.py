@@ -652,6 +652,11 @@ def zeropoint(header: fits.Header, keyword: str, path: str | os.PathLike | None 
     return result
 
 
+def image_key(path: str | os.PathLike, extension: str | int) -> tuple[str, str]:
+    """The key of an image in a file: its path and extension (names are case-insensitive)."""
+    return (os.fspath(path), str(extension).upper())
+
+
 class ImageCache:
     """Keep the images of one batch open, each ``(path, extension)`` opened once.
 
@@ -669,12 +674,8 @@ class ImageCache:
         self._handles: dict[tuple[str, str], ImageHandle] = {}
         self._errors: dict[tuple[str, str], FitsValidationError] = {}
         self._layouts = {
-            self._key(layout["path"], layout["extension"]): layout for layout in layouts or ()
+            image_key(layout["path"], layout["extension"]): layout for layout in layouts or ()
         }
-
-    @staticmethod
-    def _key(path, extension) -> tuple[str, str]:
-        return (os.fspath(path), str(extension).upper())
 
     def get(self, path: str | os.PathLike, extension: str | int = "PRIMARY") -> ImageHandle:
         """Return the open handle of ``(path, extension)``, opening it on first use.
@@ -684,7 +685,7 @@ class ImageCache:
         FitsValidationError
             As :func:`open_image`.
         """
-        key = self._key(path, extension)
+        key = image_key(path, extension)
         if key in self._errors:
             raise self._errors[key]
         handle = self._handles.get(key)

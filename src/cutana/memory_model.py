@@ -331,7 +331,7 @@ def scan_batches(
         metadata = table.schema.metadata or {}
         for layout in json.loads(metadata.get(fits_io.LAYOUTS_METADATA_KEY, b"[]")):
             if layout:
-                layouts[(layout["path"], str(layout["extension"]).upper())] = layout
+                layouts[fits_io.image_key(layout["path"], layout["extension"])] = layout
         table = table.replace_schema_metadata(None)
         workloads = source_workloads(stamp_sizes(table, cfg, pixel_scale), cfg)
         batches[entry["name"]] = {"n_sources": table.num_rows, "workload": float(workloads.sum())}
