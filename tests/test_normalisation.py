@@ -14,6 +14,7 @@ from astropy.visualization import (
 from cutana.config import validate_config
 from cutana.exceptions import ConfigValidationError
 from cutana.normalisation import (
+    _sorted_extremes,
     interval_limits,
     normalise_batch,
     percentile_limits,
@@ -125,6 +126,36 @@ def test_percentile_limits_equal_numpy_percentile_bit_for_bit():
             else:
                 expected = np.percentile(values, (lower, 100 - lower))
                 assert (vmin[r], vmax[r]) == tuple(expected), (trial, r)
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_sorted_extremes_finds_the_extremes_wherever_they_sit(largest):
+    """The group selection is exact for extremes packed into one group, ties and +inf."""
+    rng = np.random.default_rng(11)
+    length, width = 65536, 67
+    block = round(np.sqrt(length / width))
+    n_blocks = length // block
+    rows = rng.normal(size=(6, length)).astype(np.float32)
+    sign = 1 if largest else -1
+    # Row 0: every extreme in one group (values i * n_blocks + 5): one group holds all of them.
+    rows[0, 5 : block * n_blocks : n_blocks] = sign * (10 + np.arange(block, dtype=np.float32))
+    # Row 1: the extremes in the values left over after the last whole group.
+    rows[1, block * n_blocks :] = sign * 50
+    # Row 2: many groups tie at the threshold value.
+    rows[2, : 3 * n_blocks] = sign * 7
+    # Row 3: constant; row 4: invalid (+inf) spread in, some groups entirely invalid.
+    rows[3] = 1.5
+    rows[4, ::3] = np.inf
+    rows[4, : 20 * n_blocks] = np.inf
+    # Row 5: fewer valid values than needed.
+    rows[5, 40:] = np.inf
+    needed = np.full(6, width)
+    keys = _sorted_extremes(rows.copy(), needed, largest=largest)
+    for r, row in enumerate(rows):
+        values = row[row != np.inf]
+        expected = np.sort(-values if largest else values)[:width]
+        expected = np.concatenate([expected, np.full(width - expected.size, np.inf)])
+        np.testing.assert_array_equal(keys[r], expected.astype(np.float32), err_msg=str(r))
 
 
 @pytest.mark.parametrize("n_samples", [100, 1000, 777])

@@ -393,6 +393,17 @@ def _process_chunk(
     return bands, valid
 
 
+def _valid_fractions(valid: np.ndarray | None, n_images: int) -> np.ndarray:
+    """Fraction of valid values of each image (1 for all; counted only where some are not)."""
+    fractions = np.ones(n_images)
+    if valid is None:
+        return fractions
+    flat = valid.reshape(n_images, -1)
+    some_invalid = np.flatnonzero(~flat.all(axis=1))
+    fractions[some_invalid] = np.count_nonzero(flat[some_invalid], axis=1) / flat.shape[1]
+    return fractions
+
+
 def process_batch(batch, cfg: Mapping, sink=None) -> BatchResult:
     """Cut, convert, resample, mix and normalise every source of a batch.
 
@@ -461,12 +472,12 @@ def process_batch(batch, cfg: Mapping, sink=None) -> BatchResult:
             # the output's (K, T, T, C) layout. The bands are finite and 0 where invalid, as
             # resample_stack and the whole-stamp path write them.
             mixed, mixed_valid = mix_planes(bands, band_valid, weights, finite=True)
+            # One band per channel in order: the planes are the bands themselves, finite. (A
+            # weighted sum could overflow float32, so other mixes are checked.)
+            mixed_is_bands = mixed is bands
             del bands, band_valid
-            finished = normalise_planes(mixed, mixed_valid, cfg)
-            if mixed_valid is not None:
-                valid_fraction[start : start + len(rows)] = mixed_valid.mean(axis=(1, 2, 3))
-            else:
-                valid_fraction[start : start + len(rows)] = 1.0
+            finished = normalise_planes(mixed, mixed_valid, cfg, finite=mixed_is_bands)
+            valid_fraction[start : start + len(rows)] = _valid_fractions(mixed_valid, len(rows))
             del mixed, mixed_valid
             if n_channels == 1:
                 finished = finished.reshape(len(rows), target, target, 1)
