@@ -187,6 +187,14 @@ def test_validation_message_names_key_value_and_range():
     assert "'padding_factor' = 20.0" in message and "[0.25, 10.0]" in message
 
 
+@pytest.mark.parametrize("weight", [float("inf"), float("nan")])
+def test_non_finite_channel_weight_is_rejected_before_any_work(weight):
+    with pytest.raises(ConfigValidationError) as info:
+        validate_config({"channel_weights": {"VIS": [1.0], "NIR_H": [weight]}})
+    message = str(info.value)
+    assert "'channel_weights.NIR_H'" in message and repr(weight) in message
+
+
 def test_unknown_keys_are_kept_with_a_warning():
     with pytest.warns(UserWarning, match="tagret_resolution"):
         config = validate_config({"tagret_resolution": 64})

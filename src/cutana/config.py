@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Mapping
@@ -205,6 +206,14 @@ def _cross_key_errors(config: dict) -> list[str]:
             f"{ {k: len(v) for k, v in weights.items()} }: give every band one weight per "
             "output channel"
         )
+    for band, values in weights.items():
+        if isinstance(values, list) and not all(
+            isinstance(v, int | float) and math.isfinite(v) for v in values
+        ):
+            errors.append(
+                f"config key 'channel_weights.{band}' = {values!r} holds a non-finite weight: "
+                "give finite numbers (0 leaves the band out of a channel)"
+            )
     n_ext = len(config.get("fits_extensions") or [])
     if weights and n_ext not in (1, len(weights)):
         errors.append(
