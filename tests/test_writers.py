@@ -370,3 +370,44 @@ def test_a_written_batch_leaves_the_page_cache_once_on_disk(tmp_path, monkeypatc
     dropped = {ino for ino, was_synced, advice in advised if was_synced}
     assert files and dropped == files
     assert all(advice == os.POSIX_FADV_DONTNEED for _, _, advice in advised)
+
+
+@pytest.mark.parametrize("dtype,channels", [(np.float32, 3), (np.uint8, 1)])
+def test_shard_reader_reads_what_zarr_reads(tmp_path, monkeypatch, dtype, channels):
+    from cutana import writers
+
+    # Small shards: the images span several shard files, the last one partly filled.
+    monkeypatch.setattr(writers, "SHARD_TARGET_BYTES", 16 * 16 * channels * dtype().itemsize * 4)
+    images = _images(11, channels=channels, dtype=dtype)
+    write_zarr_batch(tmp_path / "b", images, _metadata(11))
+    root = tmp_path / "b" / "images.zarr"
+    assert len(list((root / "images" / "c").iterdir())) == 3
+    reader = writers.ZarrShardReader.open(root)
+    assert isinstance(reader, writers.ZarrShardReader)
+    assert (len(reader), reader.shape, reader.dtype) == (11, images.shape, np.dtype(dtype))
+    by_zarr = zarr.open_array(root / "images", mode="r")
+    for i in range(11):
+        np.testing.assert_array_equal(reader[i], by_zarr[i])
+        np.testing.assert_array_equal(reader[i], images[i])
+    with pytest.raises(IndexError, match="outside"):
+        reader[11]
+
+
+def test_shard_reader_checks_the_index_and_leaves_other_layouts_to_zarr(tmp_path):
+    from cutana import writers
+
+    write_zarr_batch(tmp_path / "b", _images(3), _metadata(3))
+    root = tmp_path / "b" / "images.zarr"
+    shard = root / "images" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # one bit pattern of the index changed
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CutanaError, match="CRC32C"):
+        writers.ZarrShardReader.open(root)[0]
+    # An array Zarr wrote itself (no sharding): Zarr's array is returned.
+    other = zarr.open_group(tmp_path / "other.zarr", mode="w")
+    other.create_array("images", shape=(2, 4, 4, 1), chunks=(1, 4, 4, 1), dtype="f4")
+    other["images"][:] = 7.0
+    array = writers.ZarrShardReader.open(tmp_path / "other.zarr")
+    assert not isinstance(array, writers.ZarrShardReader)
+    np.testing.assert_array_equal(array[1], np.full((4, 4, 1), 7.0, np.float32))

@@ -102,6 +102,57 @@ def string_array(values) -> pa.Array:
     )
 
 
+def boolean_array(mask: np.ndarray) -> pa.Array:
+    """An Arrow boolean array of ``mask`` (no nulls) built from its bit-packed buffer."""
+    mask = np.asarray(mask, dtype=bool)
+    bits = np.packbits(mask, bitorder="little")
+    return pa.Array.from_buffers(pa.bool_(), len(mask), [None, pa.py_buffer(bits)])
+
+
+def repeated_string(value: str, n: int) -> pa.Array:
+    """An Arrow string array of ``n`` times ``value``."""
+    encoded = value.encode("utf-8")
+    offsets = np.arange(n + 1, dtype=np.int64) * len(encoded)
+    if offsets[-1] < 2**31:
+        offsets = offsets.astype(np.int32)
+        kind = pa.string()
+    else:
+        kind = pa.large_string()
+    return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(encoded * n)])
+
+
+def numpy_values(column, dtype) -> np.ndarray:
+    """An integer or float column (Array or ChunkedArray) as a NumPy array of ``dtype``.
+
+    Chunks without nulls are read from their buffers (no copy, no pandas import); others value
+    by value (nulls then raise for integer ``dtype`` and become NaN for float).
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        kind = chunk.type
+        if chunk.null_count == 0 and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            letter = (
+                "f"
+                if pa.types.is_floating(kind)
+                else ("i" if pa.types.is_signed_integer(kind) else "u")
+            )
+            stored = np.dtype(f"<{letter}{kind.bit_width // 8}")
+            values = np.frombuffer(
+                chunk.buffers()[1],
+                dtype=stored,
+                count=len(chunk),
+                offset=chunk.offset * stored.itemsize,
+            )
+            parts.append(values.astype(dtype, copy=False))
+        else:
+            values = chunk.to_pylist()
+            if np.dtype(dtype).kind == "f":
+                values = [math.nan if v is None else v for v in values]
+            parts.append(np.array(values, dtype=dtype))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
 def table_of(columns: dict[str, pa.Array]) -> pa.Table:
     """A table of named Arrow arrays, in order."""
     return pa.Table.from_arrays(list(columns.values()), names=list(columns))

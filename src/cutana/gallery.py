@@ -2,8 +2,9 @@
 
 Samples are chosen deterministically (evenly spaced over the sources with status ``ok`` or
 ``partial``), read back from the run's outputs (Zarr or FITS) and composed into a grid with
-numpy + OpenCV (no plotting library, no display needed). ``zarr`` and ``astropy.io.fits`` are
-imported on first use only, so importing this module stays cheap.
+numpy + OpenCV (no plotting library, no display needed). Zarr outputs are read by
+:class:`cutana.writers.ZarrShardReader`; ``astropy.io.fits`` is imported on first use only, so
+importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
+from . import arrow_tables
 from .exceptions import CutanaError
 
 if TYPE_CHECKING:  # only annotations need pandas at import time; callers pass DataFrames
@@ -43,6 +46,42 @@ GRID_GAP = 8
 SHOWN_STATUSES = ("ok", "partial")
 
 
+def _column_names(index) -> list[str]:
+    return list(index.column_names if isinstance(index, pa.Table) else index.columns)
+
+
+def _column_values(index, name: str) -> np.ndarray:
+    """A column of a pandas DataFrame or a pyarrow Table as a NumPy array (for a Table
+    without importing pandas: see :mod:`cutana.arrow_tables`)."""
+    if not isinstance(index, pa.Table):
+        return index[name].to_numpy()
+    column = index[name]
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        return arrow_tables.numpy_values(column, np.float64)
+    return np.array(column.to_pylist(), dtype=object)
+
+
+def _check_index(index) -> None:
+    if "status" not in _column_names(index):
+        raise CutanaError(
+            "gallery: the index has no 'status' column (columns: "
+            f"{_column_names(index)}); pass source_to_zarr_mapping.parquet"
+        )
+
+
+def _sample_positions(index, n_samples: int) -> np.ndarray:
+    """Positions (into ``index``) of up to ``n_samples`` rows with an image, evenly spaced over
+    the rows in ``row_index`` order (index order without that column)."""
+    candidates = np.flatnonzero(np.isin(_column_values(index, "status"), SHOWN_STATUSES))
+    if "row_index" in _column_names(index):
+        row_index = _column_values(index, "row_index")[candidates]
+        candidates = candidates[np.argsort(row_index, kind="stable")]
+    if n_samples <= 0 or candidates.size <= n_samples:
+        return candidates[: max(n_samples, 0)]
+    picks = np.unique(np.round(np.linspace(0, len(candidates) - 1, n_samples)).astype(int))
+    return candidates[picks]
+
+
 def select_samples(index_df: pd.DataFrame, n_samples: int) -> pd.DataFrame:
     """Up to ``n_samples`` rows with an image, evenly spaced over the index, in index order.
 
@@ -58,30 +97,29 @@ def select_samples(index_df: pd.DataFrame, n_samples: int) -> pd.DataFrame:
     DataFrame
         The chosen rows (a copy).
     """
-    if "status" not in index_df.columns:
-        raise CutanaError(
-            "gallery: the index has no 'status' column (columns: "
-            f"{list(index_df.columns)}); pass source_to_zarr_mapping.parquet"
-        )
-    candidates = index_df[index_df["status"].isin(SHOWN_STATUSES)]
-    if "row_index" in candidates.columns:
-        candidates = candidates.sort_values("row_index", kind="stable")
-    if n_samples <= 0 or candidates.empty:
-        return candidates.iloc[:0].copy()
-    if len(candidates) <= n_samples:
-        return candidates.copy()
-    positions = np.unique(np.round(np.linspace(0, len(candidates) - 1, n_samples)).astype(int))
-    return candidates.iloc[positions].copy()
+    _check_index(index_df)
+    return index_df.iloc[_sample_positions(index_df, n_samples)].copy()
+
+
+def _records(samples) -> list[dict]:
+    """Rows of a DataFrame, a pyarrow Table or a list of mappings, as dicts."""
+    if isinstance(samples, pa.Table):
+        return samples.to_pylist()
+    if hasattr(samples, "to_dict"):
+        return samples.to_dict("records")
+    return [dict(row) for row in samples]
 
 
 def _zarr_array(path: Path):
     """The ``images`` array of a batch given its ``images.zarr``, batch folder or the array."""
-    import zarr  # lazy: ~0.15-0.4 s, and only needed to read Zarr outputs
+    from .writers import ZarrShardReader
 
     if path.is_dir() and (path / "images.zarr").is_dir():
         path = path / "images.zarr"
-    node = zarr.open(str(path), mode="r")
-    return node["images"] if isinstance(node, zarr.Group) else node
+    if path.name == "images" and (path.parent / "zarr.json").is_file():
+        path = path.parent
+    # Our own shards are read directly; Zarr (~0.4 s to import and open) only for others.
+    return ZarrShardReader.open(path)
 
 
 def _read_fits_image(path: Path) -> np.ndarray:
@@ -95,22 +133,20 @@ def _read_fits_image(path: Path) -> np.ndarray:
         return np.stack([np.asarray(p) for p in planes], axis=-1)
 
 
-def read_sample_images(
-    output_dir: str | os.PathLike, samples: pd.DataFrame
-) -> list[np.ndarray | None]:
+def read_sample_images(output_dir: str | os.PathLike, samples) -> list[np.ndarray | None]:
     """Read each sample's image (H, W, C) from the outputs; None where it cannot be read.
 
     Parameters
     ----------
     output_dir : path-like
         The run's ``output_dir``; file columns are relative to it.
-    samples : DataFrame
+    samples : DataFrame, pyarrow.Table or list of mappings
         Index rows with ``zarr_file`` + ``idx_in_zarr``, or ``fits_file``.
     """
     output_dir = Path(output_dir)
     images: list[np.ndarray | None] = []
     arrays: dict[str, object] = {}
-    for _, row in samples.iterrows():
+    for row in _records(samples):
         try:
             fits_file = row.get("fits_file")
             zarr_file = row.get("zarr_file")
@@ -237,7 +273,7 @@ def _grid_shape(n_images: int) -> tuple[int, int]:
     return math.ceil(n_images / columns), columns
 
 
-def _compose_grid(samples: pd.DataFrame, images: list) -> np.ndarray:
+def _compose_grid(samples: list[dict], images: list) -> np.ndarray:
     """The PNG grid as an (H, W, 3) uint8 RGB array."""
     if not images:
         canvas = np.full((80, 360, 3), _PAGE, np.uint8)
@@ -250,7 +286,7 @@ def _compose_grid(samples: pd.DataFrame, images: list) -> np.ndarray:
         _PAGE,
         np.uint8,
     )
-    for k, ((_, row), image) in enumerate(zip(samples.iterrows(), images, strict=True)):
+    for k, (row, image) in enumerate(zip(_records(samples), images, strict=True)):
         top = gap + (k // columns) * (tile + caption + gap)
         left = gap + (k % columns) * (tile + gap)
         pixels = None
@@ -273,7 +309,7 @@ def _compose_grid(samples: pd.DataFrame, images: list) -> np.ndarray:
     return canvas
 
 
-def _render_png(path: Path, samples: pd.DataFrame, images: list) -> None:
+def _render_png(path: Path, samples: list[dict], images: list) -> None:
     canvas = _compose_grid(samples, images)
     # OpenCV encodes BGR; PNG from imencode carries no date or software chunk (reproducible).
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
@@ -284,7 +320,7 @@ def _render_png(path: Path, samples: pd.DataFrame, images: list) -> None:
     os.replace(tmp, path)
 
 
-def _render_html(path: Path, samples: pd.DataFrame, images: list, n_total: int) -> None:
+def _render_html(path: Path, samples: list[dict], images: list, n_total: int) -> None:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>cutana gallery</title>',
@@ -304,7 +340,7 @@ def _render_html(path: Path, samples: pd.DataFrame, images: list, n_total: int) 
             "evenly spaced over the catalogue.</p>"
         )
         parts.append('<div class="grid">')
-        for (_, row), image in zip(samples.iterrows(), images, strict=True):
+        for row, image in zip(_records(samples), images, strict=True):
             source_id = html.escape(str(row.get("SourceID", "")))
             status = html.escape(str(row.get("status", "")))
             if image is None:
@@ -324,7 +360,7 @@ def _render_html(path: Path, samples: pd.DataFrame, images: list, n_total: int) 
 
 def make_gallery(
     output_dir: str | os.PathLike,
-    index_df: pd.DataFrame,
+    index,
     cfg: Mapping,
     n_samples: int | None = None,
 ) -> tuple[Path, Path]:
@@ -334,9 +370,9 @@ def make_gallery(
     ----------
     output_dir : path-like
         The run's output directory (file paths in the index are relative to it).
-    index_df : DataFrame
+    index : DataFrame or pyarrow.Table
         The merged index: ``SourceID``, ``status``, ``zarr_file`` + ``idx_in_zarr`` or
-        ``fits_file``.
+        ``fits_file`` (the workflow passes an Arrow table, so its job never imports pandas).
     cfg : mapping
         The run's configuration (``gallery.n_samples`` is the default sample count).
     n_samples : int, optional
@@ -350,11 +386,16 @@ def make_gallery(
     """
     if n_samples is None:
         n_samples = int((cfg.get("gallery") or {}).get("n_samples", 36))
+    _check_index(index)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    samples = select_samples(index_df, n_samples)
+    positions = _sample_positions(index, n_samples)
+    if isinstance(index, pa.Table):
+        samples = index.take(arrow_tables.numeric_array(positions, np.int64)).to_pylist()
+    else:
+        samples = _records(index.iloc[positions])
     images = read_sample_images(output_dir, samples)
-    n_total = int(index_df["status"].isin(SHOWN_STATUSES).sum())
+    n_total = int(np.isin(_column_values(index, "status"), SHOWN_STATUSES).sum())
     png_path = output_dir / "gallery.png"
     html_path = output_dir / "gallery.html"
     _render_png(png_path, samples, images)

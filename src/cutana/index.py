@@ -7,18 +7,27 @@ listed with the reason.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from . import arrow_tables
 from .config import config_hash, save_config_toml
 from .exceptions import CutanaError
+
+if TYPE_CHECKING:  # the functions the workflow runs use pyarrow only (no pandas import)
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +52,108 @@ def index_columns(cfg: Mapping) -> list[str]:
     ]  # fmt: skip
 
 
-def _read_status(path: str | Path, cfg: Mapping) -> pd.DataFrame:
-    """One batch's status rows, with the file and batch columns filled in when absent."""
+def _read_status(path: str | Path, cfg: Mapping) -> pa.Table:
+    """One batch's status rows in the index's types, file and batch columns filled in.
+
+    Arrays are built with :mod:`cutana.arrow_tables` (from buffers, never from Python
+    scalars), so the job that merges the index does not import pandas.
+    """
     path = Path(path)
     batch_name = path.stem
-    table = pd.read_parquet(path)
+    table = arrow_tables.read_table(path)
+    names = table.column_names
+    n_rows = table.num_rows
     column = file_column(cfg)
-    if "batch_index" not in table.columns:
-        table["batch_index"] = int(batch_name.split("_")[0])
-    if column not in table.columns:
-        has_image = table["idx_in_zarr"].to_numpy() >= 0
+    idx_in_zarr = pc.cast(table["idx_in_zarr"], pa.int64())
+    if "batch_index" in names:
+        batch_index = pc.cast(table["batch_index"], pa.int64())
+    else:
+        batch_index = arrow_tables.numeric_array(
+            np.full(n_rows, int(batch_name.split("_")[0])), np.int64
+        )
+    no_file = pa.nulls(n_rows, pa.string())
+    if column in names:
+        files = pc.cast(table[column], pa.string())
+    else:
         folder = f"batch_cutout_process_{batch_name}"
         target = f"{folder}/images.zarr" if column == "zarr_file" else folder
-        table[column] = np.where(has_image, target, None)
-    return table
+        has_image = arrow_tables.numpy_values(idx_in_zarr, np.int64) >= 0
+        files = pc.if_else(
+            arrow_tables.boolean_array(has_image),
+            arrow_tables.repeated_string(target, n_rows),
+            no_file,
+        )
+    empty = arrow_tables.repeated_string("", n_rows)
+    # Sources without an output file have a null there (not ""); a null condition (a null
+    # file) gives null too. (No Python scalars here: converting one imports pandas.)
+    files = pc.if_else(pc.equal(files, empty), no_file, files)
+    return pa.table(
+        {
+            "row_index": pc.cast(table["row_index"], pa.int64()),
+            "SourceID": pc.cast(table["SourceID"], pa.string()),
+            "RA": pc.cast(table["RA"], pa.float64()),
+            "Dec": pc.cast(table["Dec"], pa.float64()),
+            column: files,
+            "batch_index": batch_index,
+            "idx_in_zarr": idx_in_zarr,
+            "status": pc.cast(table["status"], pa.string()),
+            "reason": pc.coalesce(pc.cast(table["reason"], pa.string()), empty),
+        }
+    )
+
+
+def merge_status_arrow(
+    status_paths: Iterable[str | Path], total_rows: int, cfg: Mapping
+) -> pa.Table:
+    """:func:`merge_status_tables` as a pyarrow Table (the workflow's jobs never load pandas).
+
+    Raises
+    ------
+    CutanaError
+        If a catalogue row is missing or appears twice, or a status is unknown.
+    """
+    tables = [_read_status(path, cfg) for path in status_paths]
+    if tables:
+        merged = pa.concat_tables(tables)
+        rows = arrow_tables.numpy_values(merged["row_index"], np.int64)
+    else:
+        strings = {file_column(cfg), "SourceID", "status", "reason"}
+        floats = {"RA", "Dec"}
+        merged = pa.table(
+            {
+                name: pa.nulls(
+                    0,
+                    pa.string()
+                    if name in strings
+                    else pa.float64()
+                    if name in floats
+                    else pa.int64(),
+                )
+                for name in ["row_index", *index_columns(cfg)]
+            }
+        )
+        rows = np.empty(0, dtype=np.int64)
+    ordered = np.sort(rows)
+    duplicated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    missing = np.setdiff1d(np.arange(total_rows, dtype=np.int64), rows)
+    extra = rows[(rows < 0) | (rows >= total_rows)]
+    if len(rows) != total_rows or duplicated.size or missing.size or extra.size:
+        raise CutanaError(
+            f"the batches' status tables hold {len(rows)} rows but the catalogue has "
+            f"{total_rows}: missing catalogue rows {missing[:10].tolist()}, duplicated rows "
+            f"{duplicated[:10].tolist()}, out-of-range rows {extra[:10].tolist()} "
+            "(first 10 each). Delete the output directory's .cutana folder and rerun."
+        )
+    unknown = sorted(
+        str(status) for status in pc.unique(merged["status"]).to_pylist() if status not in STATUSES
+    )
+    if unknown:
+        raise CutanaError(
+            f"unknown source status values {unknown} in the status tables; expected one of "
+            f"{list(STATUSES)}"
+        )
+    order = arrow_tables.numeric_array(np.argsort(rows, kind="stable"), np.int64)
+    return merged.take(order).select(index_columns(cfg))
 
 
 def merge_status_tables(
@@ -83,37 +180,36 @@ def merge_status_tables(
     CutanaError
         If a catalogue row is missing or appears twice, or a status is unknown.
     """
-    tables = [_read_status(path, cfg) for path in status_paths]
-    if not tables:
-        merged = pd.DataFrame({"row_index": pd.Series(dtype="int64")})
-    else:
-        merged = pd.concat(tables, ignore_index=True)
-    rows = merged["row_index"].to_numpy(dtype=np.int64)
-    duplicated = np.unique(rows[pd.Series(rows).duplicated().to_numpy()])
-    missing = np.setdiff1d(np.arange(total_rows, dtype=np.int64), rows)
-    extra = rows[(rows < 0) | (rows >= total_rows)]
-    if len(merged) != total_rows or duplicated.size or missing.size or extra.size:
-        raise CutanaError(
-            f"the batches' status tables hold {len(merged)} rows but the catalogue has "
-            f"{total_rows}: missing catalogue rows {missing[:10].tolist()}, duplicated rows "
-            f"{duplicated[:10].tolist()}, out-of-range rows {extra[:10].tolist()} "
-            "(first 10 each). Delete the output directory's .cutana folder and rerun."
-        )
-    unknown = sorted(set(merged["status"]) - set(STATUSES))
-    if unknown:
-        raise CutanaError(
-            f"unknown source status values {unknown} in the status tables; expected one of "
-            f"{list(STATUSES)}"
-        )
-    merged = merged.sort_values("row_index", kind="stable").reset_index(drop=True)
-    merged["reason"] = merged["reason"].fillna("").astype(str)
-    merged["idx_in_zarr"] = merged["idx_in_zarr"].astype("int64")
-    merged["batch_index"] = merged["batch_index"].astype("int64")
-    merged["SourceID"] = merged["SourceID"].astype(str)
-    # Sources without an output file have a null there (not NaN, not "").
-    files = merged[file_column(cfg)].astype(object)
-    merged[file_column(cfg)] = files.where(files.notna() & (files != ""), None)
-    return merged[index_columns(cfg)]
+    frame = merge_status_arrow(status_paths, total_rows, cfg).to_pandas()
+    # Sources without an output file have None there (pandas may turn null strings into NaN).
+    files = frame[file_column(cfg)].astype(object)
+    frame[file_column(cfg)] = files.where(files.notna(), None)
+    return frame
+
+
+def _benchmark_rows(path: Path) -> list[dict] | None:
+    """Rows of a Snakemake benchmark TSV; None (with a warning) if it cannot be used."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        logger.warning("benchmark file %s skipped (%s): its job's time is unknown", path, error)
+        return None
+    rows = list(csv.DictReader(lines, delimiter="\t"))
+    if not lines:
+        logger.warning("benchmark file %s skipped (it is empty): its job's time is unknown", path)
+        return None
+    if "s" not in (rows[0] if rows else dict.fromkeys(lines[0].split("\t"))):
+        logger.warning("benchmark file %s skipped: it has no 's' (seconds) column", path)
+        return None
+    return rows
+
+
+def _number(text) -> float:
+    """A benchmark value as a float; NaN for "-", "NA", empty or missing."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def benchmark_timings(benchmark_paths: Iterable[str | Path]) -> dict:
@@ -136,41 +232,36 @@ def benchmark_timings(benchmark_paths: Iterable[str | Path]) -> dict:
         ``{rule: {"jobs", "total_s", "mean_s", "max_s", "max_rss_mb"}}``; ``max_rss_mb`` is
         null when no job lasted long enough to be sampled.
     """
-    per_rule: dict[str, list[pd.DataFrame]] = {}
+    per_rule: dict[str, list[list[dict]]] = {}
     for path in map(Path, benchmark_paths):
         if not path.is_file():
             continue
-        rule = path.stem if path.parent.name == "benchmarks" else path.parent.name
-        try:
-            table = pd.read_csv(path, sep="\t", na_values=["-", "NA"])
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
-            logger.warning("benchmark file %s skipped (%s): its job's time is unknown", path, error)
-            continue
-        if "s" not in table.columns:
-            logger.warning("benchmark file %s skipped: it has no 's' (seconds) column", path)
-            continue
-        per_rule.setdefault(rule, []).append(table)
+        rows = _benchmark_rows(path)
+        if rows is not None:
+            rule = path.stem if path.parent.name == "benchmarks" else path.parent.name
+            per_rule.setdefault(rule, []).append(rows)
     timings = {}
-    for rule, tables in sorted(per_rule.items()):
-        table = pd.concat(tables, ignore_index=True)
-        seconds = pd.to_numeric(table["s"], errors="coerce")
-        rss = pd.to_numeric(table.get("max_rss"), errors="coerce")
+    for rule, files in sorted(per_rule.items()):
+        rows = [row for file_rows in files for row in file_rows]
+        seconds = np.array([_number(row.get("s")) for row in rows])
+        rss = np.array([_number(row.get("max_rss")) for row in rows])
+        known = seconds[~np.isnan(seconds)]
         timings[rule] = {
-            "jobs": len(tables),
-            "total_s": round(float(seconds.sum()), 3),
-            "mean_s": round(float(seconds.mean()), 3),
-            "max_s": round(float(seconds.max()), 3),
-            "max_rss_mb": None if rss is None or rss.isna().all() else round(float(rss.max()), 1),
+            "jobs": len(files),
+            "total_s": round(float(known.sum()), 3),
+            "mean_s": round(float(known.mean()), 3) if known.size else math.nan,
+            "max_s": round(float(known.max()), 3) if known.size else math.nan,
+            "max_rss_mb": None if np.isnan(rss).all() else round(float(np.nanmax(rss)), 1),
         }
     return timings
 
 
-def run_summary(index: pd.DataFrame, manifest: Mapping, cfg: Mapping, timings: dict) -> dict:
+def run_summary(index, manifest: Mapping, cfg: Mapping, timings: dict) -> dict:
     """The content of ``run_summary.json``.
 
     Parameters
     ----------
-    index : DataFrame
+    index : pyarrow.Table or DataFrame
         The merged index.
     manifest : mapping
         The batch manifest.
@@ -183,11 +274,17 @@ def run_summary(index: pd.DataFrame, manifest: Mapping, cfg: Mapping, timings: d
     -------
     dict
     """
-    counts = index["status"].value_counts()
+    if isinstance(index, pa.Table):
+        count_of = {
+            entry["values"]: entry["counts"]
+            for entry in pc.value_counts(index["status"]).to_pylist()
+        }
+    else:
+        count_of = index["status"].value_counts().to_dict()
     return {
         "name": cfg["name"],
         "total_sources": len(index),
-        "counts": {status: int(counts.get(status, 0)) for status in STATUSES},
+        "counts": {status: int(count_of.get(status, 0)) for status in STATUSES},
         "n_batches": len(manifest["batches"]),
         "n_tiles": len(manifest.get("tiles", {})),
         "output_format": cfg["output_format"],
@@ -238,11 +335,11 @@ def merge_index(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index = merge_status_tables(status_paths, int(manifest["total_rows"]), cfg)
+    index = merge_status_arrow(status_paths, int(manifest["total_rows"]), cfg)
     summary = run_summary(index, manifest, cfg, benchmark_timings(benchmark_paths))
     index_path = out_dir / INDEX_NAME
     summary_path = out_dir / SUMMARY_NAME
-    _write_atomic(index_path, lambda tmp: index.to_parquet(tmp, index=False))
+    _write_atomic(index_path, lambda tmp: pq.write_table(index, tmp))
     _write_atomic(
         summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     )
