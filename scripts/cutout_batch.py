@@ -3,7 +3,7 @@
 import shutil
 from pathlib import Path
 
-from script_logging import exit_without_teardown, logged_step
+from job_setup import exit_without_teardown, logged_step
 
 from cutana.engine import run_batch
 from cutana.memory_model import peak_rss_mb

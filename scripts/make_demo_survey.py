@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from script_logging import logged_step
+from job_setup import logged_step
 
 from cutana.demo import make_demo_survey
 

@@ -3,7 +3,7 @@
 import json
 import os
 
-from script_logging import exit_without_teardown, logged_step
+from job_setup import exit_without_teardown, logged_step
 
 from cutana.index import merge_index
 

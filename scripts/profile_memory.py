@@ -1,6 +1,6 @@
 """Snakemake adapter of checkpoint profile_memory: measure a sample batch, write the model."""
 
-from script_logging import exit_without_teardown, logged_step
+from job_setup import exit_without_teardown, logged_step
 
 from cutana.memory_model import build_memory_model
 

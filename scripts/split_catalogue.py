@@ -8,7 +8,7 @@ the catalogue is read once, not twice.
 
 from pathlib import Path
 
-from script_logging import exit_without_teardown, logged_step
+from job_setup import exit_without_teardown, logged_step
 
 from cutana.catalogue import split_catalogue
 
