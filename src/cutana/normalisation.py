@@ -135,6 +135,7 @@ def _sorted_extremes(
     Only those ``w * block`` values are partitioned: exact, without a full partition or a
     boolean copy of the rows (256 px planes: 220 -> 126 us for both ends).
     """
+    rows = np.ascontiguousarray(rows)  # (a no-op for the rows normalisation passes)
     n_rows, length = rows.shape
     width = int(needed.max(initial=0))
     result = np.full((n_rows, max(width, 1)), np.inf, dtype=rows.dtype)
@@ -160,7 +161,11 @@ def _sorted_extremes(
     else:
         extremes = groups.min(axis=1)
         picked = np.argpartition(extremes, width - 1, axis=1)[:, :width]
-    candidates = np.take_along_axis(groups, picked[:, None, :], axis=2).reshape(n_rows, -1)
+    # Flat indices of the picked groups' values, one np.take: 2x faster than take_along_axis
+    # on the strided groups.
+    starts = picked + (np.arange(n_rows) * length)[:, None]
+    flat = starts[:, :, None] + (np.arange(block) * n_blocks)[None, None, :]
+    candidates = np.take(rows.reshape(-1), flat).reshape(n_rows, -1)
     if in_groups < length:  # the values left over after the last whole group
         candidates = np.concatenate([candidates, rows[:, in_groups:]], axis=1)
     if largest:
