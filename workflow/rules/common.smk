@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import yaml
 from snakemake.exceptions import WorkflowError
 
-from cutana.config import config_hash, import_jsonschema, validate_config
+from cutana.config import config_hash, import_jsonschema, read_yaml, validate_config
 from cutana.exceptions import ConfigValidationError
 from cutana.preflight import OutputDirError, check_output_dir_for
 from cutana import memory_model
@@ -29,9 +28,9 @@ wildcard_constraints:
 
 def load_config_schema():
     """The config JSON schema shared with cutana.config (parsed as data)."""
-    schema_path = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
-    with open(schema_path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+    return read_yaml(
+        Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+    )
 
 
 def _coerce_scalar(value, types):
