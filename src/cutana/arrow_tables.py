@@ -51,6 +51,8 @@ def float_column(table, name: str) -> np.ndarray:
 
 def int_column(table, name: str) -> np.ndarray:
     """Column ``name`` of a pyarrow Table or a DataFrame as int64 (no nulls allowed)."""
+    if isinstance(table, pa.Table) and pa.types.is_integer(table[name].type):
+        return numpy_values(table[name], np.int64)
     return np.array(values_of(table, name), dtype=np.int64)
 
 
@@ -124,8 +126,9 @@ def repeated_string(value: str, n: int) -> pa.Array:
 def numpy_values(column, dtype) -> np.ndarray:
     """An integer or float column (Array or ChunkedArray) as a NumPy array of ``dtype``.
 
-    Chunks without nulls are read from their buffers (no copy, no pandas import); others value
-    by value (nulls then raise for integer ``dtype`` and become NaN for float).
+    Chunks without nulls are read from their buffers (no pandas import); others value by value
+    (nulls then raise for integer ``dtype`` and become NaN for float). The result is a new,
+    writable array.
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
@@ -150,6 +153,8 @@ def numpy_values(column, dtype) -> np.ndarray:
             if np.dtype(dtype).kind == "f":
                 values = [math.nan if v is None else v for v in values]
             parts.append(np.array(values, dtype=dtype))
+    if len(parts) == 1:  # a view of Arrow's read-only buffer: callers get their own array
+        return np.array(parts[0], dtype=dtype)
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 

@@ -46,35 +46,23 @@ GRID_GAP = 8
 SHOWN_STATUSES = ("ok", "partial")
 
 
-def _column_names(index) -> list[str]:
-    return list(index.column_names if isinstance(index, pa.Table) else index.columns)
-
-
-def _column_values(index, name: str) -> np.ndarray:
-    """A column of a pandas DataFrame or a pyarrow Table as a NumPy array (for a Table
-    without importing pandas: see :mod:`cutana.arrow_tables`)."""
-    if not isinstance(index, pa.Table):
-        return index[name].to_numpy()
-    column = index[name]
-    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-        return arrow_tables.numpy_values(column, np.float64)
-    return np.array(column.to_pylist(), dtype=object)
-
-
 def _check_index(index) -> None:
-    if "status" not in _column_names(index):
+    if not arrow_tables.has_column(index, "status"):
+        columns = index.column_names if isinstance(index, pa.Table) else list(index.columns)
         raise CutanaError(
             "gallery: the index has no 'status' column (columns: "
-            f"{_column_names(index)}); pass source_to_zarr_mapping.parquet"
+            f"{columns}); pass source_to_zarr_mapping.parquet"
         )
 
 
 def _sample_positions(index, n_samples: int) -> np.ndarray:
     """Positions (into ``index``) of up to ``n_samples`` rows with an image, evenly spaced over
-    the rows in ``row_index`` order (index order without that column)."""
-    candidates = np.flatnonzero(np.isin(_column_values(index, "status"), SHOWN_STATUSES))
-    if "row_index" in _column_names(index):
-        row_index = _column_values(index, "row_index")[candidates]
+    the rows in ``row_index`` order (index order without that column). ``index`` is a
+    DataFrame or a pyarrow Table (read without importing pandas: :mod:`cutana.arrow_tables`)."""
+    status = np.array(arrow_tables.values_of(index, "status"), dtype=object)
+    candidates = np.flatnonzero(np.isin(status, SHOWN_STATUSES))
+    if arrow_tables.has_column(index, "row_index"):
+        row_index = arrow_tables.int_column(index, "row_index")[candidates]
         candidates = candidates[np.argsort(row_index, kind="stable")]
     if n_samples <= 0 or candidates.size <= n_samples:
         return candidates[: max(n_samples, 0)]
@@ -395,7 +383,8 @@ def make_gallery(
     else:
         samples = _records(index.iloc[positions])
     images = read_sample_images(output_dir, samples)
-    n_total = int(np.isin(_column_values(index, "status"), SHOWN_STATUSES).sum())
+    status = np.array(arrow_tables.values_of(index, "status"), dtype=object)
+    n_total = int(np.isin(status, SHOWN_STATUSES).sum())
     png_path = output_dir / "gallery.png"
     html_path = output_dir / "gallery.html"
     _render_png(png_path, samples, images)
