@@ -30,8 +30,10 @@ include: "workflow/rules/common.smk"
 coerce_cli_strings(config, load_config_schema())
 config.update(validated_config(config))
 validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+export_run_config(config)
 
 PATHS = workflow_paths(config)
+JOB = job_command()
 
 
 include: "workflow/rules/demo.smk"

@@ -148,7 +148,7 @@ FAKE_RUNNER = textwrap.dedent(
 
     BYTES_PER_UNIT = 256
 
-    def run_batch(batch_path, batch_dir, status_path, cfg):
+    def run_batch(batch_path, batch_dir, status_path, cfg, config_validated=False):
         # Holds BYTES_PER_UNIT bytes per workload unit (S^2 per source, one band, T=16, C=1).
         table = pd.read_parquet(batch_path)
         units = int((table["diameter_pixel"].astype(float) ** 2 + 16 * 16).sum())
@@ -198,7 +198,7 @@ def test_child_process_measurement_recovers_a_known_memory_cost(tmp_path):
 
 def test_failing_child_raises_with_its_error_message(tmp_path):
     (tmp_path / "broken_runner.py").write_text(
-        "def run_batch(*args):\n    raise ValueError('engine exploded')\n"
+        "def run_batch(*args, **kwargs):\n    raise ValueError('engine exploded')\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     cfg = make_config(channel_weights={"A": [1.0]})

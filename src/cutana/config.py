@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 from collections.abc import Mapping
@@ -284,6 +285,52 @@ def config_hash(config: Mapping) -> str:
     import hashlib  # here: loading OpenSSL costs every job ~10 ms, and jobs never hash
 
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+#: Environment variable carrying the run's validated configuration (JSON) to the workflow's
+#: jobs (cutana.workflow_jobs); the Snakefile sets it in its own process, which the jobs inherit.
+CONFIG_VARIABLE = "CUTANA_RUN_CONFIG"
+
+#: Longest JSON text put in :data:`CONFIG_VARIABLE` (Linux limits one variable to 128 KiB).
+MAX_CONFIG_JSON = 100_000
+
+
+def run_config_json(config: Mapping) -> str:
+    """The configuration as the JSON text of :data:`CONFIG_VARIABLE`.
+
+    Raises
+    ------
+    ConfigValidationError
+        If it is longer than :data:`MAX_CONFIG_JSON` characters.
+    """
+    text = json.dumps(to_plain(config), default=str, separators=(",", ":"))
+    if len(text) > MAX_CONFIG_JSON:
+        raise ConfigValidationError(
+            f"the configuration is {len(text)} characters of JSON, more than the "
+            f"{MAX_CONFIG_JSON} a job's environment can carry: shorten it (e.g. fewer "
+            "channel_weights entries)"
+        )
+    return text
+
+
+def load_run_config(path: str | Path | None = None) -> dict:
+    """The run's configuration: read from ``path`` (JSON or YAML), else from
+    :data:`CONFIG_VARIABLE`.
+
+    Raises
+    ------
+    ConfigValidationError
+        If neither is given.
+    """
+    if path:
+        return dict(read_yaml(path))  # YAML is a superset of JSON
+    text = os.environ.get(CONFIG_VARIABLE)
+    if not text:
+        raise ConfigValidationError(
+            f"the environment variable {CONFIG_VARIABLE} is not set: run the workflow with "
+            "snakemake (its Snakefile sets it), or give --config FILE with a validated config"
+        )
+    return json.loads(text)
 
 
 def get_default_config() -> DotMap:

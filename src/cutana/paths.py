@@ -7,7 +7,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def workflow_root() -> Path:
-    """Return the directory holding ``Snakefile``, ``workflow/``, ``scripts/`` and ``config/``."""
+    """Return the directory holding ``Snakefile``, ``workflow/``, ``config/`` and ``profiles/``."""
     shipped = _PACKAGE_DIR / "_workflow"
     if (shipped / "Snakefile").is_file():
         return shipped

@@ -16,5 +16,6 @@ checkpoint split_catalogue:
         mem_mb=2000,
     params:
         config_hash=run_config_hash(),
-    script:
-        "../../scripts/split_catalogue.py"
+    shell:
+        f"{JOB} split_catalogue --log {{log:q}} --catalogue {{input.catalogue:q}} "
+        "--batches {output.batches:q}"

@@ -4,12 +4,22 @@
 import functools
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
-from cutana.config import config_hash, import_jsonschema, read_yaml, validate_config
+from cutana.config import (
+    CONFIG_VARIABLE,
+    config_hash,
+    import_jsonschema,
+    read_yaml,
+    run_config_json,
+    validate_config,
+)
 from cutana.exceptions import ConfigValidationError
 from cutana.preflight import OutputDirError, check_output_dir_for
 from cutana import memory_model
@@ -114,6 +124,27 @@ def validated_config(raw_config):
     except OutputDirError as error:
         raise WorkflowError(str(error)) from None
     return full
+
+
+def export_run_config(cfg):
+    """Put the validated config in the environment every job's command inherits (the jobs'
+    processes read it, cutana.workflow_jobs); a SLURM job's snakemake sets it again."""
+    try:
+        os.environ[CONFIG_VARIABLE] = run_config_json(cfg)
+    except ConfigValidationError as error:
+        raise WorkflowError(str(error)) from None
+
+
+def job_command():
+    """The start of every rule's shell command: ``<python> -m cutana.workflow_jobs``.
+
+    The interpreter is the one Snakemake gives a ``script:``: the conda environment's
+    ``python`` with ``--sdm conda``, else the interpreter running Snakemake (cutana imports
+    there: this file does).
+    """
+    in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    python = "python" if in_conda else shlex.quote(sys.executable)
+    return f"{python} -m cutana.workflow_jobs"
 
 
 def workflow_paths(cfg):

@@ -18,5 +18,7 @@ rule cutout_batch:
         mem_mb=cutout_mem_mb,
     params:
         config_hash=run_config_hash(),
-    script:
-        "../../scripts/cutout_batch.py"
+    shell:
+        f"{JOB} cutout_batch --log {{log:q}} --batch {{input.batch:q}} "
+        "--batch-dir {output.batch_dir:q} --status {output.status:q} "
+        "--mem-mb {resources.mem_mb}"

@@ -14,5 +14,5 @@ rule make_demo_survey:
         mem_mb=1000,
     params:
         demo=config["demo"],
-    script:
-        "../../scripts/make_demo_survey.py"
+    shell:
+        f"{JOB} make_demo_survey --log {{log:q}} --catalogue {{output.catalogue:q}}"

@@ -17,5 +17,6 @@ checkpoint profile_memory:
     params:
         config_hash=run_config_hash(),
         scratch=PATHS.profile_scratch,
-    script:
-        "../../scripts/profile_memory.py"
+    shell:
+        f"{JOB} profile_memory --log {{log:q}} --batches {{input.batches:q}} "
+        "--model {output.model:q} --scratch {params.scratch:q}"

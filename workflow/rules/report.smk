@@ -21,9 +21,13 @@ rule merge_index:
         mem_mb=2000,
     params:
         benchmarks_dir=PATHS.benchmarks,
+        # A function: Snakemake would fill in the {batch} of a plain string as a wildcard.
+        status_pattern=lambda wildcards: PATHS.status,
         output_dir=lambda wildcards, output: os.path.dirname(output.index),
-    script:
-        "../../scripts/merge_index.py"
+    shell:
+        f"{JOB} merge_index --log {{log:q}} --batches {{input.batches:q}} "
+        "--status-pattern {params.status_pattern:q} "
+        "--benchmarks-dir {params.benchmarks_dir:q} --output-dir {params.output_dir:q}"
 
 
 # The gallery reads the batches' status tables itself (not the merged index), so it runs
@@ -46,6 +50,8 @@ rule gallery:
         mem_mb=1000,
     params:
         output_dir=lambda wildcards, output: os.path.dirname(output.png),
+        status_pattern=lambda wildcards: PATHS.status,
         n_samples=config["gallery"]["n_samples"],
-    script:
-        "../../scripts/gallery.py"
+    shell:
+        f"{JOB} gallery --log {{log:q}} --batches {{input.batches:q}} "
+        "--status-pattern {params.status_pattern:q} --output-dir {params.output_dir:q}"
