@@ -82,7 +82,7 @@ def n_rows(table) -> int:
 
 
 def numeric_array(values: np.ndarray, dtype) -> pa.Array:
-    """An Arrow array of ``values`` (int64 or float64, no nulls) built from their buffer."""
+    """An Arrow array of ``values`` (a numeric ``dtype``, no nulls) built from their buffer."""
     values = np.ascontiguousarray(values, dtype=dtype)
     arrow_type = pa.from_numpy_dtype(values.dtype)
     return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(values)])
@@ -123,18 +123,28 @@ def repeated_string(value: str, n: int) -> pa.Array:
     return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(encoded * n)])
 
 
-def numpy_values(column, dtype) -> np.ndarray:
+def numpy_values(column, dtype, null_value=None) -> np.ndarray:
     """An integer or float column (Array or ChunkedArray) as a NumPy array of ``dtype``.
 
-    Chunks without nulls are read from their buffers (no pandas import); others value by value
-    (nulls then raise for integer ``dtype`` and become NaN for float). The result is a new,
-    writable array.
+    Chunks are read from their buffers (no pandas import). Nulls become ``null_value`` when it
+    is given, else NaN for a float ``dtype``; otherwise the chunk is read value by value and its
+    nulls raise. The result is a new, writable array.
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
     for chunk in chunks:
         kind = chunk.type
-        if chunk.null_count == 0 and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        floating = pa.types.is_floating(kind)
+        if chunk.null_count and (null_value is not None or np.dtype(dtype).kind == "f"):
+            # The same values without their validity bitmap (the slots of nulls hold
+            # arbitrary numbers), read from the buffer, then the nulls overwritten.
+            unmasked = pa.Array.from_buffers(
+                kind, len(chunk), [None, *chunk.buffers()[1:]], offset=chunk.offset
+            )
+            values = numpy_values(unmasked, dtype)
+            values[~_validity(chunk)] = np.nan if null_value is None else null_value
+            parts.append(values)
+        elif chunk.null_count == 0 and (pa.types.is_integer(kind) or floating):
             letter = (
                 "f"
                 if pa.types.is_floating(kind)
@@ -156,6 +166,64 @@ def numpy_values(column, dtype) -> np.ndarray:
     if len(parts) == 1:  # a view of Arrow's read-only buffer: callers get their own array
         return np.array(parts[0], dtype=dtype)
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
+def _validity(chunk: pa.Array) -> np.ndarray:
+    """True where ``chunk`` holds a value (not null), from its validity bitmap."""
+    bitmap = chunk.buffers()[0]
+    if bitmap is None or chunk.null_count == 0:
+        return np.ones(len(chunk), bool)
+    bits = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")
+    return bits[chunk.offset : chunk.offset + len(chunk)].astype(bool)
+
+
+def _chunks(column) -> list[pa.Array]:
+    return column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+
+
+def _joined(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
+def null_mask(column) -> np.ndarray:
+    """True where an Arrow Array or ChunkedArray is null."""
+    return _joined([~_validity(chunk) for chunk in _chunks(column)], bool)
+
+
+def bool_values(column, null: bool = False) -> np.ndarray:
+    """A boolean Arrow Array or ChunkedArray as a NumPy bool array, nulls as ``null``."""
+    parts = []
+    for chunk in _chunks(column):
+        data = np.frombuffer(chunk.buffers()[1], np.uint8)
+        bits = np.unpackbits(data, bitorder="little")[chunk.offset : chunk.offset + len(chunk)]
+        values = bits.astype(bool)
+        if chunk.null_count:
+            values[~_validity(chunk)] = null
+        parts.append(values)
+    return _joined(parts, bool)
+
+
+def string_lengths(column) -> np.ndarray:
+    """Bytes of every value of a string Array or ChunkedArray (0 for nulls), as int64."""
+    parts = []
+    for chunk in _chunks(column):
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(
+            chunk.buffers()[1],
+            dtype=width,
+            count=len(chunk) + 1,
+            offset=chunk.offset * np.dtype(width).itemsize,
+        )
+        lengths = np.diff(offsets).astype(np.int64)
+        if chunk.null_count:
+            lengths[~_validity(chunk)] = 0
+        parts.append(lengths)
+    return _joined(parts, np.int64)
+
+
+def string_scalar(value: str) -> pa.Scalar:
+    """An Arrow string scalar (``pa.scalar`` imports pandas to recognise its argument)."""
+    return repeated_string(value, 1)[0]
 
 
 def table_of(columns: dict[str, pa.Array]) -> pa.Table:

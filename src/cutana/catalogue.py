@@ -32,17 +32,19 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import arrow_tables
 from .exceptions import CatalogueValidationError, CutanaError
 from .fits_io import LAYOUTS_METADATA_KEY, POSITION_COLUMNS
 
@@ -100,7 +102,19 @@ _UNITS = {
     "diameter_arcsec": "arcsec",
 }
 
-CatalogueSource = str | os.PathLike | pd.DataFrame
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: A catalogue: a CSV or Parquet path, or rows in a pandas DataFrame.
+CatalogueSource = "str | os.PathLike | pd.DataFrame"
+
+
+def _is_frame(value) -> bool:
+    """Whether ``value`` is a pandas DataFrame, without importing pandas: the split job reads
+    files and never loads it (~0.25 s of every run), and a DataFrame implies pandas is loaded.
+    """
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(value, pandas.DataFrame)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +221,7 @@ class ProblemLog:
 
 
 def _describe_source(source) -> str:
-    if source is None or isinstance(source, pd.DataFrame):
+    if source is None or _is_frame(source):
         return "catalogue (in-memory DataFrame)"
     return f"catalogue '{source}'"
 
@@ -384,7 +398,7 @@ def _text_or_none(value) -> str | None:
 
 def _open_raw(source: CatalogueSource, chunk_rows: int) -> tuple[list[str], Iterator[pa.Table]]:
     """Return the header and an iterator of raw chunks (pyarrow Tables of the known columns)."""
-    if isinstance(source, pd.DataFrame):
+    if _is_frame(source):
         columns = [str(c) for c in source.columns]
         wanted = [c for c in columns if c in REQUIRED_COLUMNS + SIZE_COLUMNS]
 
@@ -473,23 +487,23 @@ def _float_column(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     n_rows = len(column)
     kind = column.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
-        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
-        missing = column.is_null().to_numpy(zero_copy_only=False)
-        return values.astype(np.float64, copy=True), missing, np.zeros(n_rows, bool)
+        values = arrow_tables.numpy_values(pc.cast(column, pa.float64()), np.float64)
+        return values, arrow_tables.null_mask(column), np.zeros(n_rows, bool)
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         try:
             column = pc.cast(column, pa.string())
         except pa.ArrowException:
             column = pa.array([None if v is None else str(v) for v in column.to_pylist()])
     try:  # fast path: clean numeric text
-        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
-        missing = column.is_null().to_numpy(zero_copy_only=False)
-        return values.astype(np.float64, copy=True), missing, np.zeros(n_rows, bool)
+        values = arrow_tables.numpy_values(pc.cast(column, pa.float64()), np.float64)
+        return values, arrow_tables.null_mask(column), np.zeros(n_rows, bool)
     except pa.ArrowInvalid:
         pass
     stripped = pc.utf8_trim_whitespace(column)
-    missing = pc.fill_null(pc.equal(stripped, ""), True).to_numpy(zero_copy_only=False)
+    missing = arrow_tables.null_mask(stripped) | (arrow_tables.string_lengths(stripped) == 0)
     text = stripped.to_numpy(zero_copy_only=False)
+    import pandas as pd  # only for text that is not clean numbers (a catalogue to fix)
+
     values = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(
         dtype=np.float64, na_value=np.nan
     )
@@ -602,7 +616,7 @@ class _Scanner:
             None if bands is None else (bands if isinstance(bands, int) else len(bands))
         )
         self.scan = CatalogueScan(
-            source=None if isinstance(source, pd.DataFrame) else str(source),
+            source=None if _is_frame(source) else str(source),
             size_column=size_column,
             n_bands=self.expected_bands,
         )
@@ -658,12 +672,13 @@ class _Scanner:
         raw_ids = _as_array(raw.column("SourceID"))
         ids = raw_ids if pa.types.is_string(raw_ids.type) else pc.cast(raw_ids, pa.string())
         ids = pc.utf8_trim_whitespace(ids)
-        blank = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
+        blank = arrow_tables.null_mask(ids) | (arrow_tables.string_lengths(ids) == 0)
         report(blank, "SourceID", "is empty", "give every source a unique SourceID", raw_ids)
-        id_values = ids.to_numpy(zero_copy_only=False)
         if self._first_hashed_row is None:
             self._first_hashed_row = first_row
-        self._id_hashes.append(pd.util.hash_array(id_values.astype(object)))
+        # Python's string hash (SipHash, salted per process: the hashes are only compared
+        # within this scan, and equal hashes are confirmed on the strings in finish()).
+        self._id_hashes.append(np.fromiter(map(hash, ids.to_pylist()), np.int64, n_rows))
 
         # RA, Dec, size: numbers in range.
         numbers = {}
@@ -716,9 +731,7 @@ class _Scanner:
         # fits_file_paths: factorise, parse each distinct text once, map back.
         raw_paths = _as_array(raw.column("fits_file_paths"))
         encoded = pc.dictionary_encode(_path_text_column(raw_paths))
-        codes = encoded.indices.to_numpy(zero_copy_only=False)
-        codes = np.where(encoded.indices.is_null().to_numpy(zero_copy_only=False), -1, codes)
-        codes = codes.astype(np.int64)
+        codes = arrow_tables.numpy_values(encoded.indices, np.int64, null_value=-1)
         uniques = encoded.dictionary.to_pylist()
         tile_of_unique = np.full(len(uniques) + 1, -1, dtype=np.int64)  # last slot: missing
         reason_of_unique = [None] * len(uniques)
@@ -773,13 +786,17 @@ class _Scanner:
         n_rows_missing_size = np.full(n_rows, np.nan)
         table = pa.table(
             {
-                "row_index": rows,
+                "row_index": arrow_tables.numeric_array(rows, np.int64),
                 "SourceID": ids,
-                "RA": numbers["RA"],
-                "Dec": numbers["Dec"],
-                "diameter_pixel": numbers.get("diameter_pixel", n_rows_missing_size),
-                "diameter_arcsec": numbers.get("diameter_arcsec", n_rows_missing_size),
-                "tile_code": tile_codes,
+                "RA": arrow_tables.numeric_array(numbers["RA"], np.float64),
+                "Dec": arrow_tables.numeric_array(numbers["Dec"], np.float64),
+                "diameter_pixel": arrow_tables.numeric_array(
+                    numbers.get("diameter_pixel", n_rows_missing_size), np.float64
+                ),
+                "diameter_arcsec": arrow_tables.numeric_array(
+                    numbers.get("diameter_arcsec", n_rows_missing_size), np.float64
+                ),
+                "tile_code": arrow_tables.numeric_array(tile_codes, np.int64),
             },
             schema=_SPOOL_SCHEMA,
         )
@@ -859,7 +876,7 @@ def _bands_of(cfg_or_bands) -> int | list[str] | None:
 
 
 def _base_dir(source) -> str:
-    if isinstance(source, pd.DataFrame):
+    if _is_frame(source):
         return os.getcwd()
     return str(Path(source).resolve().parent)
 
@@ -896,7 +913,7 @@ def scan_catalogue(
         Only for problems that stop reading: missing file, bad header, unparsable CSV.
     """
     columns, chunks = _open_raw(source, chunk_rows)
-    size_column = check_columns(columns, None if isinstance(source, pd.DataFrame) else source)
+    size_column = check_columns(columns, None if _is_frame(source) else source)
     scanner = _Scanner(source, _bands_of(cfg_or_bands), size_column, _base_dir(source))
     for raw in chunks:
         table, valid = scanner.feed(raw)
@@ -973,7 +990,7 @@ def iter_catalogue(
         For a missing file, a header without the required columns, or unparsable CSV.
     """
     columns, chunks = _open_raw(path, chunk_rows)
-    size_column = check_columns(columns, None if isinstance(path, pd.DataFrame) else path)
+    size_column = check_columns(columns, None if _is_frame(path) else path)
     scanner = _Scanner(path, _bands, size_column, _base_dir(path))
     for raw in chunks:
         table, _ = scanner.feed(raw)
@@ -1076,7 +1093,7 @@ def _batch_content_id(batch: pa.Table, paths: Sequence[str]) -> str:
     digest.update("\0".join(paths).encode("utf-8") + b"\0\0")
     digest.update("\0".join(batch.column("SourceID").to_pylist()).encode("utf-8") + b"\0\0")
     for name in ("RA", "Dec", "diameter_pixel", "diameter_arcsec"):
-        values = batch.column(name).to_numpy(zero_copy_only=False).astype("<f8")
+        values = arrow_tables.numpy_values(batch.column(name), np.dtype("<f8"))
         digest.update(np.ascontiguousarray(values).tobytes())
     return digest.hexdigest()[:10]
 
@@ -1100,10 +1117,10 @@ class _Spool:
         return self.directory / f"bucket_{bucket:03d}.parquet"
 
     def write(self, table: pa.Table) -> None:
-        buckets = table.column("tile_code").to_numpy() % self.n_buckets
+        buckets = arrow_tables.numpy_values(table.column("tile_code"), np.int64) % self.n_buckets
         order = np.argsort(buckets, kind="stable")
         sorted_buckets = buckets[order]
-        table = table.take(pa.array(order))
+        table = table.take(arrow_tables.numeric_array(order, np.int64))
         present = np.unique(sorted_buckets)
         starts = np.searchsorted(sorted_buckets, present, side="left")
         stops = np.searchsorted(sorted_buckets, present, side="right")
@@ -1142,7 +1159,7 @@ def _sorted_runs(spool_path: Path, max_rows: int) -> Iterator[tuple[pa.Table, pa
     n_rows = parquet.metadata.num_rows
     slab_paths = [spool_path]
     if n_rows > max_rows:
-        dec = pq.read_table(spool_path, columns=["Dec"]).column("Dec").to_numpy()
+        dec = arrow_tables.numpy_values(parquet.read(columns=["Dec"]).column("Dec"), np.float64)
         n_slabs = math.ceil(2 * n_rows / max_rows)
         edges = np.unique(np.quantile(dec, np.linspace(0, 1, n_slabs + 1)[1:-1]))
         del dec
@@ -1154,11 +1171,12 @@ def _sorted_runs(spool_path: Path, max_rows: int) -> Iterator[tuple[pa.Table, pa
         for batch in parquet.iter_batches(batch_size=200_000):
             table = pa.Table.from_batches([batch])
             # side="right": equal Dec values share a slab, so ties keep the global order.
-            slab = np.searchsorted(edges, table.column("Dec").to_numpy(), side="right")
+            dec = arrow_tables.numpy_values(table.column("Dec"), np.float64)
+            slab = np.searchsorted(edges, dec, side="right")
             for k in np.unique(slab).tolist():
                 if k not in writers:
                     writers[k] = pq.ParquetWriter(slab_paths[k], _SPOOL_SCHEMA, compression="none")
-                writers[k].write_table(table.filter(pa.array(slab == k)))
+                writers[k].write_table(table.filter(arrow_tables.boolean_array(slab == k)))
         for writer in writers.values():
             writer.close()
         parquet.close()
@@ -1166,7 +1184,7 @@ def _sorted_runs(spool_path: Path, max_rows: int) -> Iterator[tuple[pa.Table, pa
         slab_paths = [slab_paths[k] for k in sorted(writers)]
     for path in slab_paths:
         # One contiguous chunk: taking rows from a many-chunk table costs O(chunks) per take.
-        table = pq.read_table(path).combine_chunks()
+        table = arrow_tables.read_table(path).combine_chunks()
         yield table, pc.sort_indices(table, sort_keys=_SORT_KEYS)
         del table
         path.unlink()
@@ -1212,8 +1230,17 @@ def _list_column(values: np.ndarray | None, n_rows: int) -> pa.Array:
     if values is None:
         return pa.nulls(n_rows, pa.list_(pa.float64()))
     n_bands = values.shape[1]
-    offsets = pa.array(np.arange(0, (n_rows + 1) * n_bands, n_bands, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), pa.float64()))
+    offsets = arrow_tables.numeric_array(np.arange(0, (n_rows + 1) * n_bands, n_bands), np.int32)
+    return pa.ListArray.from_arrays(
+        offsets, arrow_tables.numeric_array(values.reshape(-1), np.float64)
+    )
+
+
+def _repeated_path_list(paths: Sequence[str], n_rows: int) -> pa.Array:
+    """A list<string> column holding ``paths`` in each of ``n_rows`` rows."""
+    n_bands = len(paths)
+    offsets = arrow_tables.numeric_array(np.arange(0, (n_rows + 1) * n_bands, n_bands), np.int32)
+    return pa.ListArray.from_arrays(offsets, arrow_tables.string_array(list(paths) * n_rows))
 
 
 class _BatchWriter:
@@ -1258,13 +1285,12 @@ class _BatchWriter:
     def _write(self, code: int, k: int, rows: pa.Table) -> None:
         size = rows.num_rows
         paths = list(self.scan.tiles[code])
-        repeat = np.zeros(size, np.int64)  # one-element arrays repeated by take(): no lists
         missing_size = pa.nulls(size, pa.float64())  # the size column the catalogue lacks
         has_pixel = self.scan.size_column == "diameter_pixel"
         located = None
         if self.locator is not None:
-            ra = rows.column("RA").to_numpy()
-            dec = rows.column("Dec").to_numpy()
+            ra = arrow_tables.numpy_values(rows.column("RA"), np.float64)
+            dec = arrow_tables.numpy_values(rows.column("Dec"), np.float64)
             located = self.locator.locate(paths, ra, dec)
         positions = (None, None) if located is None else located[:2]
         schema = BATCH_SCHEMA
@@ -1276,10 +1302,10 @@ class _BatchWriter:
                 "SourceID": rows.column("SourceID"),
                 "RA": rows.column("RA"),
                 "Dec": rows.column("Dec"),
-                "fits_file_paths": pa.array([paths], pa.list_(pa.string())).take(repeat),
+                "fits_file_paths": _repeated_path_list(paths, size),
                 "diameter_pixel": rows.column("diameter_pixel") if has_pixel else missing_size,
                 "diameter_arcsec": missing_size if has_pixel else rows.column("diameter_arcsec"),
-                "tile": pa.array([self.tile_ids[code]], pa.string()).take(repeat),
+                "tile": arrow_tables.repeated_string(self.tile_ids[code], size),
                 **{
                     column: _list_column(values, size)
                     for column, values in zip(POSITION_COLUMNS, positions, strict=True)
@@ -1312,7 +1338,7 @@ def _write_batches(
     writer = _BatchWriter(scan, batch_limit, out_dir, locator)
     for bucket in spool.close():
         for table, order in _sorted_runs(spool.path(bucket), MAX_SORT_ROWS):
-            codes = table.column("tile_code").take(order).to_numpy()
+            codes = arrow_tables.numpy_values(table.column("tile_code").take(order), np.int64)
             present = np.unique(codes)
             starts = np.searchsorted(codes, present, side="left")
             stops = np.searchsorted(codes, present, side="right")
@@ -1395,7 +1421,7 @@ def split_catalogue(
 
         scan = scan_catalogue(path, cfg, chunk_rows=chunk_rows, on_chunk=on_chunk)
         spool.close()
-        source = None if isinstance(path, pd.DataFrame) else path
+        source = None if _is_frame(path) else path
         locator = None
         if check_files:
             from .inputs_check import check_tile_files, raise_input_problems
