@@ -130,6 +130,21 @@ def test_benchmark_timings_group_by_rule_and_tolerate_unsampled_jobs(tmp_path):
     assert set(timings) == {"cutout_batch", "split_catalogue"}
 
 
+def test_logged_peaks_count_in_the_memory_of_their_rule(tmp_path):
+    # A warm server's worker (cutana.warm_jobs) is not sampled by Snakemake's benchmark: the
+    # job's logged high-water mark is the rule's memory.
+    bench = tmp_path / "benchmarks"
+    write_benchmark(bench / "cutout_batch" / f"{BATCH_A}.tsv", 2.0, 25.0)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_text("x INFO cutana.workflow.cutout_batch: peak RSS 181.5 MB\n")
+    (logs / "b.log").write_text("x INFO cutana.workflow.cutout_batch: peak RSS 96.0 MB\n")
+    paths = [bench / "cutout_batch" / f"{BATCH_A}.tsv"]
+    log_paths = {"cutout_batch": [logs / "a.log", logs / "b.log", logs / "missing.log"]}
+    assert benchmark_timings(paths, log_paths)["cutout_batch"]["max_rss_mb"] == 181.5
+    assert benchmark_timings(paths)["cutout_batch"]["max_rss_mb"] == 25.0
+
+
 def test_merge_index_writes_index_summary_and_config(two_batches, tmp_path):
     cfg = make_config(target_resolution=48)
     manifest = {

@@ -67,7 +67,8 @@ def test_a_job_without_its_config_says_how_to_give_it(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "cutana.workflow_jobs", "merge_index", "--log",
          str(tmp_path / "log"), "--batches", str(tmp_path), "--status-pattern", "x",
-         "--benchmarks-dir", str(tmp_path), "--output-dir", str(tmp_path)],
+         "--benchmarks-dir", str(tmp_path), "--logs-dir", str(tmp_path),
+         "--output-dir", str(tmp_path)],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert completed.returncode != 0

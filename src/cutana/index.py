@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -212,7 +213,28 @@ def _number(text) -> float:
         return math.nan
 
 
-def benchmark_timings(benchmark_paths: Iterable[str | Path]) -> dict:
+#: The line a job writes to its log with its peak RSS (cutana.workflow_jobs).
+_PEAK_RSS_LINE = re.compile(rb"peak RSS ([0-9.]+) MB")
+
+
+def logged_peak_rss_mb(log_paths: Iterable[str | Path]) -> float | None:
+    """The largest peak RSS (MB) the jobs wrote to their logs; None when none did.
+
+    A job's log line reads its own high-water mark (``VmHWM``), also when a warm server's
+    worker ran it (cutana.warm_jobs), where Snakemake's benchmark samples only the command.
+    """
+    peaks = []
+    for path in map(Path, log_paths):
+        try:
+            peaks += [float(value) for value in _PEAK_RSS_LINE.findall(path.read_bytes())]
+        except OSError:
+            continue
+    return max(peaks) if peaks else None
+
+
+def benchmark_timings(
+    benchmark_paths: Iterable[str | Path], log_paths: Mapping[str, Iterable] | None = None
+) -> dict:
     """Summarise Snakemake benchmark files per rule.
 
     A file ``.../benchmarks/cutout_batch/{batch}.tsv`` counts for the rule of its folder, a file
@@ -225,12 +247,15 @@ def benchmark_timings(benchmark_paths: Iterable[str | Path]) -> dict:
     Parameters
     ----------
     benchmark_paths : iterable of path
+    log_paths : mapping, optional
+        ``{rule: job log paths}``: the rule's ``max_rss_mb`` is the larger of the benchmark's
+        and the logged peaks (:func:`logged_peak_rss_mb`).
 
     Returns
     -------
     dict
         ``{rule: {"jobs", "total_s", "mean_s", "max_s", "max_rss_mb"}}``; ``max_rss_mb`` is
-        null when no job lasted long enough to be sampled.
+        null when no job lasted long enough to be sampled and none logged its peak.
     """
     per_rule: dict[str, list[list[dict]]] = {}
     for path in map(Path, benchmark_paths):
@@ -246,6 +271,9 @@ def benchmark_timings(benchmark_paths: Iterable[str | Path]) -> dict:
         seconds = np.array([_number(row.get("s")) for row in rows])
         rss = np.array([_number(row.get("max_rss")) for row in rows])
         known = seconds[~np.isnan(seconds)]
+        logged = logged_peak_rss_mb((log_paths or {}).get(rule, ()))
+        if logged is not None:
+            rss = np.append(rss, logged)
         timings[rule] = {
             "jobs": len(files),
             "total_s": round(float(known.sum()), 3),
@@ -307,6 +335,7 @@ def merge_index(
     cfg: Mapping,
     out_dir: str | Path,
     benchmark_paths: Iterable[str | Path] = (),
+    log_paths: Mapping[str, Iterable] | None = None,
 ) -> dict[str, str]:
     """Write the merged index, the run summary and the effective config of a run.
 
@@ -322,6 +351,8 @@ def merge_index(
         The run's ``output_dir``.
     benchmark_paths : iterable of path
         Snakemake benchmark files for the summary's timings.
+    log_paths : mapping, optional
+        ``{rule: job log paths}`` for the jobs' logged peak RSS (:func:`benchmark_timings`).
 
     Returns
     -------
@@ -336,7 +367,7 @@ def merge_index(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = merge_status_arrow(status_paths, int(manifest["total_rows"]), cfg)
-    summary = run_summary(index, manifest, cfg, benchmark_timings(benchmark_paths))
+    summary = run_summary(index, manifest, cfg, benchmark_timings(benchmark_paths, log_paths))
     index_path = out_dir / INDEX_NAME
     summary_path = out_dir / SUMMARY_NAME
     _write_atomic(index_path, lambda tmp: pq.write_table(index, tmp))

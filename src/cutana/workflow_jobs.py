@@ -41,10 +41,34 @@ import time  # noqa: E402
 from collections.abc import Callable, Iterator, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from . import warm_jobs  # noqa: E402
 from .config import CONFIG_VARIABLE, load_run_config  # noqa: E402
 
 #: The stages whose benchmark files the run summary reads, besides every cutout job's.
 STAGE_BENCHMARKS = ("make_demo_survey", "split_catalogue", "profile_memory")
+
+#: What a cutout job imports: loaded before a warm server is forked (cutana.warm_jobs).
+ENGINE_MODULES = (
+    "numpy",
+    "pyarrow",
+    "pyarrow.parquet",
+    "cv2",
+    "numcodecs",
+    "cutana.engine",
+    "cutana.extraction",
+    "cutana.fits_io",
+    "cutana.flux",
+    "cutana.memory_model",
+    "cutana.mixing",
+    "cutana.normalisation",
+    "cutana.resample",
+    "cutana.writers",
+)
+
+#: Steps served by a warm server (the cutout jobs), and steps that start one when none runs:
+#: the profiling job, which runs just before them with the same imports, and a cutout job.
+WARM_STEPS = ("cutout_batch",)
+SERVER_STARTING_STEPS = ("profile_memory", "cutout_batch")
 
 
 @contextlib.contextmanager
@@ -166,6 +190,7 @@ def cutout_batch_job(args, config: dict, log: logging.Logger) -> None:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     # Recorded so the declared memory can be checked against the measured peak (benchmark).
     log.info("declared resources: mem_mb=%s", args.mem_mb)
+    log.info("run by %s", "a warm server's worker" if warm_jobs.IN_WORKER else "its command")
     # The Snakefile validated and completed the config before any job was created.
     run_batch(args.batch, args.batch_dir, args.status, config, config_validated=True)
     # Snakemake's benchmark samples memory every few tenths of a second and misses the peak
@@ -184,12 +209,18 @@ def merge_index_job(args, config: dict, log: logging.Logger) -> None:
         os.path.join(args.benchmarks_dir, "cutout_batch", f"{entry['name']}.tsv")
         for entry in manifest["batches"]
     ]
+    # The cutout jobs' logged peak RSS: Snakemake's benchmark misses a warm worker's memory.
+    cutout_logs = [
+        os.path.join(args.logs_dir, "cutout_batch", f"{entry['name']}.log")
+        for entry in manifest["batches"]
+    ]
     written = merge_index(
         _status_paths(manifest, args.status_pattern),
         manifest,
         config,
         args.output_dir,
         benchmark_paths=benchmark_paths,
+        log_paths={"cutout_batch": cutout_logs},
     )
     log.info("written: %s", written)
 
@@ -229,20 +260,40 @@ def _parser() -> argparse.ArgumentParser:
     step("cutout_batch", cutout_batch_job, "batch", "batch-dir", "status", "mem-mb")
     step(
         "merge_index", merge_index_job,
-        "batches", "status-pattern", "benchmarks-dir", "output-dir",
+        "batches", "status-pattern", "benchmarks-dir", "logs-dir", "output-dir",
     )  # fmt: skip
     step("gallery", gallery_job, "batches", "status-pattern", "output-dir")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the job named by ``argv``; exit the process at once when it succeeded."""
+def run_step(argv: list[str]) -> None:
+    """Run the job named by ``argv`` in this process; exit at once when it succeeded."""
     args = _parser().parse_args(argv)
     config = load_run_config(args.config)
     with logged_step(args.log, config.get("log_level", "INFO"), args.step) as log:
         args.run(args, config, log)
     # Every output is closed (written to a temporary name and renamed into place).
     exit_without_teardown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the job named by ``argv``: in a worker of the warm server when one runs (cutout
+    jobs, cutana.warm_jobs), else here, first starting a server if this job is one that does.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    step = argv[0] if argv else None
+    warm = warm_jobs.enabled()
+    if warm and step in WARM_STEPS:
+        status = warm_jobs.run_via_server(argv)
+        if status is not None:
+            os._exit(status)
+    if warm and step in SERVER_STARTING_STEPS:
+        import importlib
+
+        for module in ENGINE_MODULES:
+            importlib.import_module(module)
+        warm_jobs.start_server(run_step)
+    run_step(argv)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,15 @@ rule merge_index:
         mem_mb=2000,
     params:
         benchmarks_dir=PATHS.benchmarks,
+        logs_dir=PATHS.logs,
         # A function: Snakemake would fill in the {batch} of a plain string as a wildcard.
         status_pattern=lambda wildcards: PATHS.status,
         output_dir=lambda wildcards, output: os.path.dirname(output.index),
     shell:
         f"{JOB} merge_index --log {{log:q}} --batches {{input.batches:q}} "
         "--status-pattern {params.status_pattern:q} "
-        "--benchmarks-dir {params.benchmarks_dir:q} --output-dir {params.output_dir:q}"
+        "--benchmarks-dir {params.benchmarks_dir:q} --logs-dir {params.logs_dir:q} "
+        "--output-dir {params.output_dir:q}"
 
 
 # The gallery reads the batches' status tables itself (not the merged index), so it runs

@@ -1,0 +1,131 @@
+"""cutana.warm_jobs: the warm server runs jobs exactly as the command would (outputs, exit
+status, standard streams), stops their workers when the command is cancelled, serves only its
+user and exits when idle; the job commands fall back to running in-process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cutana import warm_jobs
+
+pytestmark = pytest.mark.skipif(not warm_jobs.enabled({}), reason="Linux pidfd needed")
+
+
+def job(argv: list[str]) -> None:
+    """A job for the test server: ``write PATH TEXT``, ``fail CODE``, ``sleep PATH``."""
+    if argv[0] == "write":
+        Path(argv[1]).write_text(f"{argv[2]} {os.getcwd()} {os.environ.get('JOB_TAG')}")
+        print("written", flush=True)
+    elif argv[0] == "fail":
+        print("failing on purpose", file=sys.stderr, flush=True)
+        raise SystemExit(int(argv[1]))
+    elif argv[0] == "raise":
+        raise ValueError("the job broke")
+    elif argv[0] == "sleep":
+        Path(argv[1]).write_text(str(os.getpid()))
+        time.sleep(60)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setattr(warm_jobs, "IDLE_EXIT_S", 1.0)
+    address = b"\0cutana-test-" + uuid.uuid4().hex.encode()
+    warm_jobs.start_server(job, address)
+    return address
+
+
+def wait_for(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def accepts(address: bytes) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+        return True
+
+
+def test_a_job_runs_in_a_worker_with_the_callers_directory_and_environment(
+    server, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JOB_TAG", "tag-1")
+    status = warm_jobs.run_via_server(["write", str(tmp_path / "out.txt"), "hello"], server)
+    assert status == 0
+    assert (tmp_path / "out.txt").read_text() == f"hello {tmp_path} tag-1"
+
+
+def test_exit_status_and_errors_reach_the_caller(server):
+    assert warm_jobs.run_via_server(["fail", "3"], server) == 3
+    assert warm_jobs.run_via_server(["raise"], server) == 1
+    # The worker writes to the command's own standard streams.
+    client = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from cutana import warm_jobs; "
+         f"sys.exit(warm_jobs.run_via_server(['raise'], {server!r}))"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert client.returncode == 1
+    assert "ValueError: the job broke" in client.stderr
+
+
+def test_without_a_server_the_caller_is_told_to_run_the_job_itself():
+    address = b"\0cutana-test-none-" + uuid.uuid4().hex.encode()
+    assert warm_jobs.run_via_server(["fail", "3"], address) is None
+
+
+def test_the_server_exits_when_idle(server):
+    assert accepts(server)
+    assert wait_for(lambda: not accepts(server), seconds=5.0)
+
+
+def test_a_cancelled_command_stops_its_worker(server, tmp_path):
+    # The command is a separate process (as a Snakemake job is); killing it kills the worker.
+    pid_file = tmp_path / "worker.pid"
+    client = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from cutana import warm_jobs; "
+         f"sys.exit(warm_jobs.run_via_server(['sleep', {str(pid_file)!r}], {server!r}))"],
+    )  # fmt: skip
+    assert wait_for(pid_file.exists)
+    assert wait_for(lambda: pid_file.read_text() != "")
+    worker = int(pid_file.read_text())
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+
+    def worker_gone():
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie until the server reaps it.
+        return Path(f"/proc/{worker}/stat").read_text().split()[2] == "Z"
+
+    assert wait_for(worker_gone)
+
+
+def test_cluster_jobs_and_the_switch_turn_it_off():
+    assert warm_jobs.enabled({})
+    assert not warm_jobs.enabled({"SLURM_JOB_ID": "42"})
+    assert not warm_jobs.enabled({warm_jobs.SWITCH_VARIABLE: "0"})
+
+
+def test_the_address_is_per_user_and_code():
+    address = warm_jobs.server_address()
+    assert address.startswith(b"\0cutana-warm-jobs-") and address == warm_jobs.server_address()
