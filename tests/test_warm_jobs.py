@@ -17,7 +17,9 @@ import pytest
 
 from cutana import warm_jobs
 
-pytestmark = pytest.mark.skipif(not warm_jobs.enabled({}), reason="Linux pidfd needed")
+pytestmark = pytest.mark.skipif(
+    not warm_jobs.enabled({warm_jobs.RUN_VARIABLE: "1"}), reason="Linux pidfd needed"
+)
 
 
 def job(argv: list[str]) -> None:
@@ -39,7 +41,7 @@ def job(argv: list[str]) -> None:
 def server(monkeypatch):
     monkeypatch.setattr(warm_jobs, "IDLE_EXIT_S", 1.0)
     address = b"\0cutana-test-" + uuid.uuid4().hex.encode()
-    warm_jobs.start_server(job, address)
+    warm_jobs.start_server(job, address, owner=os.getpid())
     return address
 
 
@@ -120,12 +122,31 @@ def test_a_cancelled_command_stops_its_worker(server, tmp_path):
     assert wait_for(worker_gone)
 
 
-def test_cluster_jobs_and_the_switch_turn_it_off():
-    assert warm_jobs.enabled({})
-    assert not warm_jobs.enabled({"SLURM_JOB_ID": "42"})
-    assert not warm_jobs.enabled({warm_jobs.SWITCH_VARIABLE: "0"})
+def test_the_server_ends_with_its_run(tmp_path):
+    # The owner stands for the run's Snakemake process: once it has ended, new commands are
+    # refused (they run their jobs themselves) and the server exits.
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    address = b"\0cutana-test-" + uuid.uuid4().hex.encode()
+    warm_jobs.start_server(job, address, owner=run.pid)
+    assert wait_for(lambda: accepts(address))
+    assert warm_jobs.run_via_server(["write", str(tmp_path / "a"), "x"], address) == 0
+    run.kill()
+    run.wait()
+    assert wait_for(lambda: not accepts(address), seconds=2.0)
+    assert warm_jobs.run_via_server(["write", str(tmp_path / "b"), "x"], address) is None
 
 
-def test_the_address_is_per_user_and_code():
+def test_cluster_jobs_jobs_run_by_hand_and_the_switch_turn_it_off():
+    run = {warm_jobs.RUN_VARIABLE: "1234"}
+    assert warm_jobs.enabled(run)
+    assert not warm_jobs.enabled({})  # not started by the workflow
+    assert not warm_jobs.enabled({**run, "SLURM_JOB_ID": "42"})
+    assert not warm_jobs.enabled({**run, warm_jobs.SWITCH_VARIABLE: "0"})
+
+
+def test_the_address_is_per_run_user_and_code(monkeypatch):
+    monkeypatch.setenv(warm_jobs.RUN_VARIABLE, "1234")
     address = warm_jobs.server_address()
     assert address.startswith(b"\0cutana-warm-jobs-") and address == warm_jobs.server_address()
+    monkeypatch.setenv(warm_jobs.RUN_VARIABLE, "1235")
+    assert warm_jobs.server_address() != address

@@ -21,7 +21,7 @@ import pytest
 import yaml
 import zarr
 
-from cutana import memory_model
+from cutana import memory_model, warm_jobs
 from cutana.paths import snakefile
 
 pytestmark = pytest.mark.slow
@@ -151,6 +151,9 @@ def test_declared_memory_covers_measured_peak(zarr_run):
     assert model["sample"]["peak_mb"] > 0 and model["mb_per_unit"] > 0
 
 
+@pytest.mark.skipif(
+    not warm_jobs.enabled({warm_jobs.RUN_VARIABLE: "1"}), reason="no warm server here"
+)
 def test_cutout_jobs_run_in_warm_workers(zarr_run):
     # The profiling job started a warm server (cutana.warm_jobs) before the cutout jobs.
     work_dir, _ = zarr_run

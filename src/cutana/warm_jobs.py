@@ -1,4 +1,4 @@
-"""A warm process that forks the workflow's cutout jobs on this machine (Linux, local runs).
+"""A warm process that forks the workflow's jobs on this machine (Linux, local runs).
 
 A cutout job is a new Python process: ~0.1 s to start the interpreter and ~0.2 s to import
 NumPy, pyarrow, OpenCV and numcodecs, against ~0.3 s of work for a 1000-source 64 px batch. The
@@ -7,6 +7,11 @@ its imports: a detached process listening on an abstract Unix socket. Every late
 connects to it and hands over its arguments, environment, working directory and standard
 streams; the server forks a worker (a copy of itself, imports done) that runs the job exactly
 as the command would, and sends back its exit status, which the command exits with.
+
+Each run has its own server: the Snakefile puts the Snakemake process's PID in
+:data:`RUN_VARIABLE`, which every job inherits and which names the socket. The server exits
+once that process has ended (and its last worker with it), or after :data:`IDLE_EXIT_S`
+seconds without a job.
 
 Safety:
 
@@ -18,15 +23,17 @@ Safety:
 * only processes of the same user are served (``SO_PEERCRED``), and the socket's name carries
   a hash of the interpreter, the user and cutana's source files: a server never runs other
   code than the command would;
-* the server exits after :data:`IDLE_EXIT_S` seconds without a job.
+* nothing outlives the run: the server exits when its Snakemake process does.
 
 Not used where ``SLURM_JOB_ID`` is set (a cluster job has one job per allocation and SLURM
-ends its processes with it) or with ``CUTANA_WARM_JOBS=0``.
+ends its processes with it), without :data:`RUN_VARIABLE` (a job run by hand) or with
+``CUTANA_WARM_JOBS=0``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +53,9 @@ IDLE_EXIT_S = 10.0
 #: Environment variable that turns the warm server off when set to ``0``.
 SWITCH_VARIABLE = "CUTANA_WARM_JOBS"
 
+#: Environment variable holding the PID of the run's Snakemake process (set by the Snakefile).
+RUN_VARIABLE = "CUTANA_RUN_PID"
+
 #: True in a worker forked by a server (the job logs it).
 IN_WORKER = False
 
@@ -54,22 +64,38 @@ _STATUS = struct.Struct("!i")
 _PR_SET_PDEATHSIG = 1
 
 
+@functools.lru_cache(maxsize=1)
+def _pidfds_work() -> bool:
+    """Whether this kernel gives process file descriptors (Linux >= 5.3; not every sandbox)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def enabled(env: Mapping[str, str] | None = None) -> bool:
     """Whether jobs should use (and start) a warm server here."""
     env = os.environ if env is None else env
     return (
         sys.platform.startswith("linux")
-        and hasattr(os, "pidfd_open")
+        and _pidfds_work()
         and env.get(SWITCH_VARIABLE, "1") != "0"
         and "SLURM_JOB_ID" not in env
+        and env.get(RUN_VARIABLE, "").isdigit()
     )
 
 
+def run_pid() -> int:
+    """The PID of the run's Snakemake process (:data:`RUN_VARIABLE`)."""
+    return int(os.environ[RUN_VARIABLE])
+
+
 def server_address() -> bytes:
-    """The abstract Unix socket name of this user's server for this interpreter and code."""
+    """The abstract Unix socket name of the server of this run, user, interpreter and code."""
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    digest.update(f"{os.getuid()}\0{sys.executable}\0{package}\0".encode())
+    digest.update(f"{os.getuid()}\0{sys.executable}\0{package}\0{run_pid()}\0".encode())
     for path in sorted(package.glob("*.py")):
         stat = path.stat()
         digest.update(f"{path.name}\0{stat.st_mtime_ns}\0{stat.st_size}\0".encode())
@@ -127,14 +153,26 @@ def run_via_server(argv: Sequence[str], address: bytes | None = None) -> int | N
     return 128 - status if status < 0 else status
 
 
-def start_server(run_job: Callable[[list[str]], None], address: bytes | None = None) -> None:
+def start_server(
+    run_job: Callable[[list[str]], None], address: bytes | None = None, owner: int | None = None
+) -> None:
     """Fork a detached server that runs jobs with ``run_job(argv)``; return at once.
 
     Call it after the imports the jobs need and before any job work, so that the server (and
     every worker it forks) holds the modules but no data. If another server already listens
     on the address, the new one exits.
+
+    Parameters
+    ----------
+    run_job : callable
+        Runs one job from its argv in the worker (and exits it).
+    address : bytes, optional
+        Socket name (default: :func:`server_address`).
+    owner : int, optional
+        PID whose end ends the server (default: :func:`run_pid`).
     """
     address = address or server_address()
+    owner = run_pid() if owner is None else owner
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -146,7 +184,7 @@ def start_server(run_job: Callable[[list[str]], None], address: bytes | None = N
         if os.fork():
             os._exit(0)
         _detach()
-        _serve(run_job, address)
+        _serve(run_job, address, owner)
     finally:
         os._exit(0)
 
@@ -166,7 +204,11 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", credentials)[1]
 
 
-def _serve(run_job: Callable[[list[str]], None], address: bytes) -> None:
+def _serve(run_job: Callable[[list[str]], None], address: bytes, owner: int) -> None:
+    try:
+        owner_fd = os.pidfd_open(owner)
+    except OSError:  # the run has already ended
+        return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(address)
@@ -175,15 +217,23 @@ def _serve(run_job: Callable[[list[str]], None], address: bytes) -> None:
     listener.listen(64)
     workers: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, client connection)
     idle_since = time.monotonic()
-    while True:
+    run_over = False
+    while not (run_over and not workers):
         timeout = None if workers else IDLE_EXIT_S - (time.monotonic() - idle_since)
         if timeout is not None and timeout <= 0:
             break
-        watched = [listener, *workers, *(conn for _, conn in workers.values())]
+        watched = [*workers, *(conn for _, conn in workers.values())]
+        if not run_over:
+            watched += [listener, owner_fd]
         ready, _, _ = select.select(watched, [], [], timeout)
         for item in ready:
             if item is listener:
                 _accept(listener, run_job, workers)
+            elif isinstance(item, int) and item == owner_fd:
+                # The run ended: new commands are refused (they run their jobs themselves),
+                # the running workers finish.
+                run_over = True
+                listener.close()
             elif isinstance(item, int):  # a worker ended: report its status
                 pid, conn = workers.pop(item)
                 _, status = os.waitpid(pid, 0)
@@ -200,6 +250,7 @@ def _serve(run_job: Callable[[list[str]], None], address: bytes) -> None:
         if workers:  # idle time counts from the end of the last job
             idle_since = time.monotonic()
     listener.close()
+    os.close(owner_fd)
 
 
 def _closed(conn: socket.socket) -> bool:

@@ -47,10 +47,12 @@ from .config import CONFIG_VARIABLE, load_run_config  # noqa: E402
 #: The stages whose benchmark files the run summary reads, besides every cutout job's.
 STAGE_BENCHMARKS = ("make_demo_survey", "split_catalogue", "profile_memory")
 
-#: What a cutout job imports: loaded before a warm server is forked (cutana.warm_jobs).
-ENGINE_MODULES = (
+#: What the cutout, index and gallery jobs import: loaded before a warm server is forked
+#: (cutana.warm_jobs).
+WARM_MODULES = (
     "numpy",
     "pyarrow",
+    "pyarrow.compute",
     "pyarrow.parquet",
     "cv2",
     "numcodecs",
@@ -58,6 +60,8 @@ ENGINE_MODULES = (
     "cutana.extraction",
     "cutana.fits_io",
     "cutana.flux",
+    "cutana.gallery",
+    "cutana.index",
     "cutana.memory_model",
     "cutana.mixing",
     "cutana.normalisation",
@@ -65,9 +69,10 @@ ENGINE_MODULES = (
     "cutana.writers",
 )
 
-#: Steps served by a warm server (the cutout jobs), and steps that start one when none runs:
-#: the profiling job, which runs just before them with the same imports, and a cutout job.
-WARM_STEPS = ("cutout_batch",)
+#: Steps served by a warm server (every step after the profiling), and steps that start one
+#: when none runs: the profiling job, which runs just before them with mostly the same
+#: imports, and a cutout job.
+WARM_STEPS = ("cutout_batch", "merge_index", "gallery")
 SERVER_STARTING_STEPS = ("profile_memory", "cutout_batch")
 
 
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     if warm and step in SERVER_STARTING_STEPS:
         import importlib
 
-        for module in ENGINE_MODULES:
+        for module in WARM_MODULES:
             importlib.import_module(module)
         warm_jobs.start_server(run_step)
     run_step(argv)

@@ -22,7 +22,7 @@ from cutana.config import (
 )
 from cutana.exceptions import ConfigValidationError
 from cutana.preflight import OutputDirError, check_output_dir_for
-from cutana import memory_model
+from cutana import memory_model, warm_jobs
 from cutana.snakemake_exit import finish_promptly
 
 # Before the Snakefile's validate(): jsonschema without its slow optional iri checker (~2 s).
@@ -128,11 +128,13 @@ def validated_config(raw_config):
 
 def export_run_config(cfg):
     """Put the validated config in the environment every job's command inherits (the jobs'
-    processes read it, cutana.workflow_jobs); a SLURM job's snakemake sets it again."""
+    processes read it, cutana.workflow_jobs); a SLURM job's snakemake sets it again. With it
+    this process's PID, which names the run's warm job server (cutana.warm_jobs)."""
     try:
         os.environ[CONFIG_VARIABLE] = run_config_json(cfg)
     except ConfigValidationError as error:
         raise WorkflowError(str(error)) from None
+    os.environ[warm_jobs.RUN_VARIABLE] = str(os.getpid())
 
 
 def job_command():
