@@ -144,18 +144,16 @@ def load() -> str:
 
 
 def logged_peak_rss_mb(results: Path) -> list[float]:
-    """Peak RSS of every cutout job, as the job logged it (kernel high-water mark, MB).
+    """The largest peak RSS the cutout jobs logged (kernel high-water mark, MB), as a list.
 
     Snakemake's ``max_rss`` comes from samples a few tenths of a second apart and misses the
-    peak of a job that short (it reads the shell that starts Python).
+    peak of a job that short; it reads only the job's command, not a warm worker.
     """
-    peaks = []
-    for log in glob.glob(str(results / ".cutana" / "logs" / "cutout_batch" / "*.log")):
-        with open(log, encoding="utf-8") as handle:
-            for line in handle:
-                if "peak RSS" in line:
-                    peaks.append(float(line.rsplit("peak RSS", 1)[1].split()[0]))
-    return peaks
+    from cutana.index import logged_peak_rss_mb as largest_logged_peak
+
+    logs = glob.glob(str(results / ".cutana" / "logs" / "cutout_batch" / "*.log"))
+    peak = largest_logged_peak(logs)
+    return [] if peak is None else [peak]
 
 
 def benchmark_rows(results: Path) -> dict[str, list[dict]]:

@@ -581,13 +581,6 @@ def _measure_in_child(
 
 def _child_main(argv: list[str]) -> None:
     sample_path, config_path, scratch, result_path, runner = argv
-    # A cutout job runs as a Snakemake script, whose preamble imports these modules: import them
-    # too so the measured fixed cost matches.
-    for module in ("snakemake.logging", "snakemake.iocontainers"):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
     module_name, function_name = runner.split(":")
     run_batch = getattr(importlib.import_module(module_name), function_name)
     cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
