@@ -130,9 +130,8 @@ def numpy_values(column, dtype, null_value=None) -> np.ndarray:
     is given, else NaN for a float ``dtype``; otherwise the chunk is read value by value and its
     nulls raise. The result is a new, writable array.
     """
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
-    for chunk in chunks:
+    for chunk in _chunks(column):
         kind = chunk.type
         floating = pa.types.is_floating(kind)
         if chunk.null_count and (null_value is not None or np.dtype(dtype).kind == "f"):
@@ -190,19 +189,6 @@ def null_mask(column) -> np.ndarray:
     return _joined([~_validity(chunk) for chunk in _chunks(column)], bool)
 
 
-def bool_values(column, null: bool = False) -> np.ndarray:
-    """A boolean Arrow Array or ChunkedArray as a NumPy bool array, nulls as ``null``."""
-    parts = []
-    for chunk in _chunks(column):
-        data = np.frombuffer(chunk.buffers()[1], np.uint8)
-        bits = np.unpackbits(data, bitorder="little")[chunk.offset : chunk.offset + len(chunk)]
-        values = bits.astype(bool)
-        if chunk.null_count:
-            values[~_validity(chunk)] = null
-        parts.append(values)
-    return _joined(parts, bool)
-
-
 def string_lengths(column) -> np.ndarray:
     """Bytes of every value of a string Array or ChunkedArray (0 for nulls), as int64."""
     parts = []
@@ -221,9 +207,9 @@ def string_lengths(column) -> np.ndarray:
     return _joined(parts, np.int64)
 
 
-def string_scalar(value: str) -> pa.Scalar:
-    """An Arrow string scalar (``pa.scalar`` imports pandas to recognise its argument)."""
-    return repeated_string(value, 1)[0]
+def empty_or_null(column) -> np.ndarray:
+    """True where a string Array or ChunkedArray is null or the empty string."""
+    return null_mask(column) | (string_lengths(column) == 0)
 
 
 def table_of(columns: dict[str, pa.Array]) -> pa.Table:

@@ -500,7 +500,7 @@ def _float_column(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     except pa.ArrowInvalid:
         pass
     stripped = pc.utf8_trim_whitespace(column)
-    missing = arrow_tables.null_mask(stripped) | (arrow_tables.string_lengths(stripped) == 0)
+    missing = arrow_tables.empty_or_null(stripped)
     text = stripped.to_numpy(zero_copy_only=False)
     import pandas as pd  # only for text that is not clean numbers (a catalogue to fix)
 
@@ -672,7 +672,7 @@ class _Scanner:
         raw_ids = _as_array(raw.column("SourceID"))
         ids = raw_ids if pa.types.is_string(raw_ids.type) else pc.cast(raw_ids, pa.string())
         ids = pc.utf8_trim_whitespace(ids)
-        blank = arrow_tables.null_mask(ids) | (arrow_tables.string_lengths(ids) == 0)
+        blank = arrow_tables.empty_or_null(ids)
         report(blank, "SourceID", "is empty", "give every source a unique SourceID", raw_ids)
         if self._first_hashed_row is None:
             self._first_hashed_row = first_row
