@@ -34,6 +34,7 @@ export_run_config(config)
 
 PATHS = workflow_paths(config)
 JOB = job_command()
+WARM_JOB = job_command(warm=True)
 
 
 include: "workflow/rules/demo.smk"
@@ -59,6 +60,11 @@ rule all:
         PATHS.config_toml,
         PATHS.gallery_png,
         PATHS.gallery_html,
+
+
+# A warm process that imports the jobs' modules while the catalogue is split (local runs).
+onstart:
+    start_warm_server()
 
 
 # Once every job has ended: no waiting for the scheduler's idle timers or the interpreter's

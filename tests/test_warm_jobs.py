@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cutana import warm_jobs
+from cutana import job_client, warm_jobs
 
 pytestmark = pytest.mark.skipif(
     not warm_jobs.enabled({warm_jobs.RUN_VARIABLE: "1"}), reason="Linux pidfd needed"
@@ -134,6 +134,61 @@ def test_the_server_ends_with_its_run(tmp_path):
     run.wait()
     assert wait_for(lambda: not accepts(address), seconds=2.0)
     assert warm_jobs.run_via_server(["write", str(tmp_path / "b"), "x"], address) is None
+
+
+def test_a_spawned_server_takes_its_address_before_its_imports(tmp_path):
+    # `serve` (the server the onstart hook spawns) binds, then prepares: a command arriving
+    # while it imports waits for it instead of running its job elsewhere.
+    address = b"\0cutana-test-" + uuid.uuid4().hex.encode()
+    ready = tmp_path / "prepared"
+
+    def prepare():
+        time.sleep(1.0)
+        ready.write_text("imports done")
+
+    def job_after_prepare(argv):
+        Path(argv[0]).write_text(ready.read_text())
+
+    pid = os.fork()
+    if pid == 0:  # the spawned server's process, ended with this test's process
+        try:
+            warm_jobs.serve(job_after_prepare, prepare, address, owner=os.getppid())
+        finally:
+            os._exit(0)
+    try:
+        assert wait_for(lambda: accepts(address))
+        assert not ready.exists()
+        assert warm_jobs.run_via_server([str(tmp_path / "out")], address) == 0
+        assert (tmp_path / "out").read_text() == "imports done"
+        # A second server for the same address gives way at once, without preparing.
+        warm_jobs.serve(job, lambda: pytest.fail("a second server prepared"), address, os.getpid())
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_the_job_command_hands_its_job_to_the_runs_server(monkeypatch, tmp_path):
+    # The rules' command: `python -S job_client.py ARGS` (no site-packages, so no cutana
+    # import) finds the server of its run by the address both compute.
+    monkeypatch.setattr(warm_jobs, "IDLE_EXIT_S", 1.0)
+    monkeypatch.setenv(warm_jobs.RUN_VARIABLE, str(os.getpid()))
+    warm_jobs.start_server(job, warm_jobs.server_address(), owner=os.getpid())
+    command = [sys.executable, "-S", job_client.__file__]
+    done = subprocess.run([*command, "write", str(tmp_path / "out"), "hi"], cwd=tmp_path)
+    assert done.returncode == 0 and (tmp_path / "out").read_text().startswith(f"hi {tmp_path}")
+    failed = subprocess.run([*command, "fail", "4"], capture_output=True, text=True)
+    assert failed.returncode == 4 and "failing on purpose" in failed.stderr
+
+
+def test_without_a_server_the_job_command_runs_the_job_itself(monkeypatch):
+    # It becomes `python -m cutana.workflow_jobs ARGS` (exec): here, that command's help.
+    monkeypatch.setenv(warm_jobs.SWITCH_VARIABLE, "0")
+    done = subprocess.run(
+        [sys.executable, "-S", job_client.__file__, "gallery", "--help"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert "usage: python -m cutana.workflow_jobs gallery" in done.stdout
 
 
 def test_cluster_jobs_jobs_run_by_hand_and_the_switch_turn_it_off():

@@ -154,11 +154,13 @@ def test_declared_memory_covers_measured_peak(zarr_run):
 @pytest.mark.skipif(
     not warm_jobs.enabled({warm_jobs.RUN_VARIABLE: "1"}), reason="no warm server here"
 )
-def test_cutout_jobs_run_in_warm_workers(zarr_run):
-    # The profiling job started a warm server (cutana.warm_jobs) before the cutout jobs.
-    work_dir, _ = zarr_run
-    logs = sorted((work_dir / "out" / ".cutana" / "logs" / "cutout_batch").glob("*.log"))
-    assert logs and all("run by a warm server's worker" in log.read_text() for log in logs)
+def test_jobs_after_the_split_run_in_warm_workers(zarr_run):
+    # The onstart hook spawned a warm server (cutana.warm_jobs) while the catalogue was split.
+    logs_dir = zarr_run[0] / "out" / ".cutana" / "logs"
+    logs = sorted((logs_dir / "cutout_batch").glob("*.log"))
+    logs += [logs_dir / f"{step}.log" for step in ("profile_memory", "merge_index", "gallery")]
+    assert len(logs) > 3 and all("run by a warm server's worker" in log.read_text() for log in logs)
+    assert "run by its command" in (logs_dir / "split_catalogue.log").read_text()
 
 
 def test_second_run_has_nothing_to_do(zarr_run):

@@ -2,8 +2,10 @@
 
 A cutout job is a new Python process: ~0.1 s to start the interpreter and ~0.2 s to import
 NumPy, pyarrow, OpenCV and numcodecs, against ~0.3 s of work for a 1000-source 64 px batch. The
-first job of a run that finds no server (the memory profiling job, normally) forks one after
-its imports: a detached process listening on an abstract Unix socket. Every later job's command
+Snakefile's ``onstart`` hook spawns a server (:func:`spawn_server`, :func:`serve`) while the
+catalogue is split, whose job needs other imports; a job that finds none (hooks off, server
+gone) and is one that starts it forks one after its imports (:func:`start_server`). The server
+is a detached process listening on an abstract Unix socket. Every later job's command
 connects to it and hands over its arguments, environment, working directory and standard
 streams; the server forks a worker (a copy of itself, imports done) that runs the job exactly
 as the command would, and sends back its exit status, which the command exits with.
@@ -33,124 +35,38 @@ ends its processes with it), without :data:`RUN_VARIABLE` (a job run by hand) or
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import json
 import os
 import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+
+# The client half (what a job's command runs), re-exported: the address and protocol live there.
+from .job_client import (  # noqa: F401
+    HEADER,
+    RUN_VARIABLE,
+    STATUS,
+    SWITCH_VARIABLE,
+    enabled,
+    recv_exactly,
+    run_pid,
+    run_via_server,
+    server_address,
+)
 
 #: Seconds a server waits for a job before it exits.
 IDLE_EXIT_S = 10.0
 
-#: Environment variable that turns the warm server off when set to ``0``.
-SWITCH_VARIABLE = "CUTANA_WARM_JOBS"
-
-#: Environment variable holding the PID of the run's Snakemake process (set by the Snakefile).
-RUN_VARIABLE = "CUTANA_RUN_PID"
-
 #: True in a worker forked by a server (the job logs it).
 IN_WORKER = False
 
-_HEADER = struct.Struct("!I")
-_STATUS = struct.Struct("!i")
 _PR_SET_PDEATHSIG = 1
-
-
-@functools.lru_cache(maxsize=1)
-def _pidfds_work() -> bool:
-    """Whether this kernel gives process file descriptors (Linux >= 5.3; not every sandbox)."""
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
-def enabled(env: Mapping[str, str] | None = None) -> bool:
-    """Whether jobs should use (and start) a warm server here."""
-    env = os.environ if env is None else env
-    return (
-        sys.platform.startswith("linux")
-        and _pidfds_work()
-        and env.get(SWITCH_VARIABLE, "1") != "0"
-        and "SLURM_JOB_ID" not in env
-        and env.get(RUN_VARIABLE, "").isdigit()
-    )
-
-
-def run_pid() -> int:
-    """The PID of the run's Snakemake process (:data:`RUN_VARIABLE`)."""
-    return int(os.environ[RUN_VARIABLE])
-
-
-def server_address() -> bytes:
-    """The abstract Unix socket name of the server of this run, user, interpreter and code."""
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    digest.update(f"{os.getuid()}\0{sys.executable}\0{package}\0{run_pid()}\0".encode())
-    for path in sorted(package.glob("*.py")):
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_mtime_ns}\0{stat.st_size}\0".encode())
-    return b"\0cutana-warm-jobs-" + digest.hexdigest()[:24].encode()
-
-
-def _recv_exactly(conn: socket.socket, n_bytes: int) -> bytes:
-    data = b""
-    while len(data) < n_bytes:
-        chunk = conn.recv(n_bytes - len(data))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        data += chunk
-    return data
-
-
-def run_via_server(argv: Sequence[str], address: bytes | None = None) -> int | None:
-    """Run a job in a worker of the server; its exit status, or None if no server took it.
-
-    Parameters
-    ----------
-    argv : sequence of str
-        The job's arguments (``python -m cutana.workflow_jobs`` ``argv``).
-    address : bytes, optional
-        The server's socket name (default: :func:`server_address`).
-
-    Returns
-    -------
-    int or None
-        The worker's exit status (128 + N for a worker ended by signal N); None when no
-        server answered (the caller runs the job itself). A server that dies while its worker
-        runs gives status 1.
-    """
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(address or server_address())
-        request = json.dumps(
-            {"argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ)}
-        ).encode("utf-8")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        socket.send_fds(conn, [_HEADER.pack(len(request)) + request], [0, 1, 2])
-        accepted = conn.recv(1)
-    except OSError:
-        conn.close()
-        return None
-    if accepted != b"+":  # refused (or the server is exiting): run the job here
-        conn.close()
-        return None
-    try:
-        (status,) = _STATUS.unpack(_recv_exactly(conn, _STATUS.size))
-    except (OSError, ConnectionError):
-        status = 1  # the server died with the worker (PR_SET_PDEATHSIG)
-    conn.close()
-    return 128 - status if status < 0 else status
 
 
 def start_server(
@@ -184,9 +100,58 @@ def start_server(
         if os.fork():
             os._exit(0)
         _detach()
-        _serve(run_job, address, owner)
+        listener = _bind(address)
+        if listener is not None:
+            _serve(run_job, listener, owner)
     finally:
         os._exit(0)
+
+
+def spawn_server(command: Sequence[str]) -> None:
+    """Start ``command`` (which calls :func:`serve`) as a detached process; return at once.
+
+    Snakemake's ``onstart`` hook calls it, so the server imports the jobs' modules on a core
+    that is idle while the first, serial stages run. Its output is discarded: a server that
+    fails to start only leaves the jobs to run in their own processes.
+    """
+    subprocess.Popen(
+        list(command),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        close_fds=True,
+        start_new_session=True,
+    )
+
+
+def serve(
+    run_job: Callable[[list[str]], None],
+    prepare: Callable[[], None] = lambda: None,
+    address: bytes | None = None,
+    owner: int | None = None,
+) -> None:
+    """Serve jobs in this process until the run ends (the body of a spawned server).
+
+    The address is taken before ``prepare()`` (the imports) runs: a command that connects
+    meanwhile waits for the server to be ready instead of starting a second one.
+
+    Parameters
+    ----------
+    run_job : callable
+        Runs one job from its argv in the worker (and exits it).
+    prepare : callable, optional
+        Loads what the jobs need (their imports), once, before the first job.
+    address, owner
+        As for :func:`start_server`.
+    """
+    address = address or server_address()
+    owner = run_pid() if owner is None else owner
+    listener = _bind(address)
+    if listener is None:
+        return
+    prepare()
+    _serve(run_job, listener, owner)
 
 
 def _detach() -> None:
@@ -204,17 +169,24 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", credentials)[1]
 
 
-def _serve(run_job: Callable[[list[str]], None], address: bytes, owner: int) -> None:
-    try:
-        owner_fd = os.pidfd_open(owner)
-    except OSError:  # the run has already ended
-        return
+def _bind(address: bytes) -> socket.socket | None:
+    """A listening socket on ``address``; None if another server is already there."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(address)
-    except OSError:  # another server is already there
-        return
+    except OSError:
+        listener.close()
+        return None
     listener.listen(64)
+    return listener
+
+
+def _serve(run_job: Callable[[list[str]], None], listener: socket.socket, owner: int) -> None:
+    try:
+        owner_fd = os.pidfd_open(owner)
+    except OSError:  # the run has already ended
+        listener.close()
+        return
     workers: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, client connection)
     idle_since = time.monotonic()
     run_over = False
@@ -239,7 +211,7 @@ def _serve(run_job: Callable[[list[str]], None], address: bytes, owner: int) -> 
                 _, status = os.waitpid(pid, 0)
                 os.close(item)
                 try:
-                    conn.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
+                    conn.sendall(STATUS.pack(os.waitstatus_to_exitcode(status)))
                 except OSError:
                     pass
                 conn.close()
@@ -268,9 +240,9 @@ def _accept(listener, run_job, workers) -> None:
         if _peer_uid(conn) != os.getuid():
             conn.close()
             return
-        header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
-        (size,) = _HEADER.unpack(header)
-        request = json.loads(_recv_exactly(conn, size))
+        header, fds, _, _ = socket.recv_fds(conn, HEADER.size, 3)
+        (size,) = HEADER.unpack(header)
+        request = json.loads(recv_exactly(conn, size))
     except (OSError, ValueError, struct.error, ConnectionError):
         conn.close()
         return

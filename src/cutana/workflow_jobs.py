@@ -69,11 +69,14 @@ WARM_MODULES = (
     "cutana.writers",
 )
 
-#: Steps served by a warm server (every step after the profiling), and steps that start one
-#: when none runs: the profiling job, which runs just before them with mostly the same
-#: imports, and a cutout job.
-WARM_STEPS = ("cutout_batch", "merge_index", "gallery")
+#: Steps served by a warm server, and steps that start one when none runs (the Snakefile's
+#: ``onstart`` hook normally has: ``python -m cutana.workflow_jobs serve``). The split is not
+#: served: it starts as the server does and imports astropy, which the later jobs do not.
+WARM_STEPS = ("profile_memory", "cutout_batch", "merge_index", "gallery")
 SERVER_STARTING_STEPS = ("profile_memory", "cutout_batch")
+
+#: The argument that makes ``python -m cutana.workflow_jobs`` a warm server (onstart hook).
+SERVE_COMMAND = "serve"
 
 
 @contextlib.contextmanager
@@ -195,7 +198,6 @@ def cutout_batch_job(args, config: dict, log: logging.Logger) -> None:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     # Recorded so the declared memory can be checked against the measured peak (benchmark).
     log.info("declared resources: mem_mb=%s", args.mem_mb)
-    log.info("run by %s", "a warm server's worker" if warm_jobs.IN_WORKER else "its command")
     # The Snakefile validated and completed the config before any job was created.
     run_batch(args.batch, args.batch_dir, args.status, config, config_validated=True)
     # Snakemake's benchmark samples memory every few tenths of a second and misses the peak
@@ -276,27 +278,43 @@ def run_step(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     config = load_run_config(args.config)
     with logged_step(args.log, config.get("log_level", "INFO"), args.step) as log:
+        log.info("run by %s", "a warm server's worker" if warm_jobs.IN_WORKER else "its command")
         args.run(args, config, log)
     # Every output is closed (written to a temporary name and renamed into place).
     exit_without_teardown()
 
 
+def import_warm_modules() -> None:
+    """Import :data:`WARM_MODULES` (before a warm server serves its first job)."""
+    import importlib
+
+    for module in WARM_MODULES:
+        importlib.import_module(module)
+
+
+def server_command() -> list[str]:
+    """The command of a run's warm server, spawned by the Snakefile's ``onstart`` hook."""
+    return [sys.executable, "-m", "cutana.workflow_jobs", SERVE_COMMAND]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the job named by ``argv``: in a worker of the warm server when one runs (cutout
     jobs, cutana.warm_jobs), else here, first starting a server if this job is one that does.
+    With ``serve``, be the run's warm server.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     step = argv[0] if argv else None
     warm = warm_jobs.enabled()
+    if step == SERVE_COMMAND:
+        if warm:
+            warm_jobs.serve(run_step, prepare=import_warm_modules)
+        return
     if warm and step in WARM_STEPS:
         status = warm_jobs.run_via_server(argv)
         if status is not None:
             os._exit(status)
     if warm and step in SERVER_STARTING_STEPS:
-        import importlib
-
-        for module in WARM_MODULES:
-            importlib.import_module(module)
+        import_warm_modules()
         warm_jobs.start_server(run_step)
     run_step(argv)
 

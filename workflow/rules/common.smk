@@ -22,7 +22,8 @@ from cutana.config import (
 )
 from cutana.exceptions import ConfigValidationError
 from cutana.preflight import OutputDirError, check_output_dir_for
-from cutana import memory_model, warm_jobs
+from cutana import job_client, memory_model, warm_jobs
+from cutana.workflow_jobs import server_command
 from cutana.snakemake_exit import finish_promptly
 
 # Before the Snakefile's validate(): jsonschema without its slow optional iri checker (~2 s).
@@ -137,15 +138,35 @@ def export_run_config(cfg):
     os.environ[warm_jobs.RUN_VARIABLE] = str(os.getpid())
 
 
-def job_command():
-    """The start of every rule's shell command: ``<python> -m cutana.workflow_jobs``.
+def start_warm_server():
+    """Start the run's warm job server (cutana.warm_jobs) when jobs run on this machine.
+
+    Called by the ``onstart`` hook (not in dry runs): the server imports the jobs' modules on
+    the core the catalogue split leaves idle, and the jobs after the split skip those imports.
+    Not for cluster runs (each job has its own allocation) nor conda environments (their jobs
+    run another interpreter, which this server's address would not match).
+    """
+    in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    if workflow.local_exec and not in_conda and warm_jobs.enabled():
+        warm_jobs.spawn_server(server_command())
+
+
+def job_command(warm=False):
+    """The start of a rule's shell command: ``<python> -m cutana.workflow_jobs``.
 
     The interpreter is the one Snakemake gives a ``script:``: the conda environment's
     ``python`` with ``--sdm conda``, else the interpreter running Snakemake (cutana imports
-    there: this file does).
+    there: this file does). With ``warm``, for the steps a warm server runs, the command is
+    ``<python> -S <cutana>/job_client.py``, which hands the job to the server without Python's
+    site initialisation or cutana's imports and otherwise execs the first form (not with
+    conda: the environment's cutana lives elsewhere).
     """
     in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    python = "python" if in_conda else shlex.quote(sys.executable)
+    if in_conda:
+        return "python -m cutana.workflow_jobs"
+    python = shlex.quote(sys.executable)
+    if warm:
+        return f"{python} -S {shlex.quote(job_client.__file__)}"
     return f"{python} -m cutana.workflow_jobs"
 
 

@@ -19,6 +19,6 @@ rule cutout_batch:
     params:
         config_hash=run_config_hash(),
     shell:
-        f"{JOB} cutout_batch --log {{log:q}} --batch {{input.batch:q}} "
+        f"{WARM_JOB} cutout_batch --log {{log:q}} --batch {{input.batch:q}} "
         "--batch-dir {output.batch_dir:q} --status {output.status:q} "
         "--mem-mb {resources.mem_mb}"

@@ -18,5 +18,5 @@ checkpoint profile_memory:
         config_hash=run_config_hash(),
         scratch=PATHS.profile_scratch,
     shell:
-        f"{JOB} profile_memory --log {{log:q}} --batches {{input.batches:q}} "
+        f"{WARM_JOB} profile_memory --log {{log:q}} --batches {{input.batches:q}} "
         "--model {output.model:q} --scratch {params.scratch:q}"

@@ -26,7 +26,7 @@ rule merge_index:
         status_pattern=lambda wildcards: PATHS.status,
         output_dir=lambda wildcards, output: os.path.dirname(output.index),
     shell:
-        f"{JOB} merge_index --log {{log:q}} --batches {{input.batches:q}} "
+        f"{WARM_JOB} merge_index --log {{log:q}} --batches {{input.batches:q}} "
         "--status-pattern {params.status_pattern:q} "
         "--benchmarks-dir {params.benchmarks_dir:q} --logs-dir {params.logs_dir:q} "
         "--output-dir {params.output_dir:q}"
@@ -55,5 +55,5 @@ rule gallery:
         status_pattern=lambda wildcards: PATHS.status,
         n_samples=config["gallery"]["n_samples"],
     shell:
-        f"{JOB} gallery --log {{log:q}} --batches {{input.batches:q}} "
+        f"{WARM_JOB} gallery --log {{log:q}} --batches {{input.batches:q}} "
         "--status-pattern {params.status_pattern:q} --output-dir {params.output_dir:q}"
