@@ -144,6 +144,8 @@ class CutoutHeaderTemplate:
         self._parent = parent_wcs
         self._lines: list[str] | None = None
         self._slots: list[tuple[int, str, str, float, int | None]] = []
+        # The lines that depend on the scale only, per scale: a batch has few stamp sizes.
+        self._scaled_lines: dict[float, list[tuple[int, str]]] = {}
         if parent_wcs is None:  # from_state fills the template
             return
         try:
@@ -237,18 +239,36 @@ class CutoutHeaderTemplate:
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale (T / S) must be a positive number, got {scale!r}")
         lines = list(self._lines)
+        scaled = self._scaled_lines.get(scale)
+        if scaled is None:
+            scaled = [
+                (line, _card_line(key, value * scale**power, comment))
+                for line, key, comment, value, power in self._slots
+                if power
+            ]
+            if len(self._scaled_lines) < _MAX_CACHED_SCALES:
+                self._scaled_lines[scale] = scaled
+        for line, text in scaled:
+            lines[line] = text
         origin = (float(x0), float(y0))
-        for line, key, comment, value, power in self._slots:
+        for line, key, comment, _, power in self._slots:
             if power is None:
                 axis = int(key[-1]) - 1
                 value = (self._crpix[axis] - origin[axis] - 0.5) * scale + 0.5
-            elif power:
-                value = value * scale**power
-            image = f"{key:8}= {format_header_float(value):>20}"
-            if comment:
-                image += f" / {comment}"
-            lines[line] = f"{image[:80]:80}"
+                lines[line] = _card_line(key, value, comment)
         return "\n".join(lines)
+
+
+#: Scales whose lines a template keeps (a batch of 1000 has at most a few hundred stamp sizes).
+_MAX_CACHED_SCALES = 4096
+
+
+def _card_line(key: str, value: float, comment: str) -> str:
+    """The 80-character header line of a float card, as astropy writes it."""
+    image = f"{key:8}= {format_header_float(value):>20}"
+    if comment:
+        image += f" / {comment}"
+    return f"{image[:80]:80}"
 
 
 def _header_text_cards(text: str) -> list[tuple[str, object, str]]:
