@@ -48,9 +48,13 @@ from .config import CONFIG_VARIABLE, load_run_config  # noqa: E402
 STAGE_BENCHMARKS = ("make_demo_survey", "split_catalogue", "profile_memory")
 
 #: What the cutout, index and gallery jobs import: loaded before a warm server is forked
-#: (cutana.warm_jobs).
+#: (cutana.warm_jobs). With the modules their first calls import lazily: ``numpy.ma``
+#: (``np.unique``), ``multiprocessing.synchronize`` (numcodecs' Blosc lock, which is made in
+#: each worker: one made in the server would be shared by all of them), ~10 ms per job.
 WARM_MODULES = (
     "numpy",
+    "numpy.ma",
+    "multiprocessing.synchronize",
     "pyarrow",
     "pyarrow.compute",
     "pyarrow.parquet",
@@ -66,6 +70,7 @@ WARM_MODULES = (
     "cutana.mixing",
     "cutana.normalisation",
     "cutana.resample",
+    "cutana.wcs_utils",
     "cutana.writers",
 )
 
