@@ -168,12 +168,12 @@ def test_a_spawned_server_takes_its_address_before_its_imports(tmp_path):
 
 
 def test_the_job_command_hands_its_job_to_the_runs_server(monkeypatch, tmp_path):
-    # The rules' command: `python -S job_client.py ARGS` (no site-packages, so no cutana
+    # The rules' command: `python -I -S job_client.py ARGS` (no site-packages, so no cutana
     # import) finds the server of its run by the address both compute.
     monkeypatch.setattr(warm_jobs, "IDLE_EXIT_S", 1.0)
     monkeypatch.setenv(warm_jobs.RUN_VARIABLE, str(os.getpid()))
     warm_jobs.start_server(job, warm_jobs.server_address(), owner=os.getpid())
-    command = [sys.executable, "-S", job_client.__file__]
+    command = [sys.executable, "-I", "-S", job_client.__file__]
     done = subprocess.run([*command, "write", str(tmp_path / "out"), "hi"], cwd=tmp_path)
     assert done.returncode == 0 and (tmp_path / "out").read_text().startswith(f"hi {tmp_path}")
     failed = subprocess.run([*command, "fail", "4"], capture_output=True, text=True)
@@ -184,7 +184,7 @@ def test_without_a_server_the_job_command_runs_the_job_itself(monkeypatch):
     # It becomes `python -m cutana.workflow_jobs ARGS` (exec): here, that command's help.
     monkeypatch.setenv(warm_jobs.SWITCH_VARIABLE, "0")
     done = subprocess.run(
-        [sys.executable, "-S", job_client.__file__, "gallery", "--help"],
+        [sys.executable, "-I", "-S", job_client.__file__, "gallery", "--help"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0

@@ -1,13 +1,13 @@
 """The command of a job a warm server may run: hand it over, or run it in a new process.
 
-The rules of the jobs after the catalogue split run ``python -S <this file> STEP ARGS...``:
-Python without its ``site`` initialisation (no ``.pth`` files, no site-packages), importing
-only the standard library. If the run's warm server (:mod:`cutana.warm_jobs`) takes the job,
-this process waits for its worker and exits with its status; otherwise it becomes
-``python -m cutana.workflow_jobs STEP ARGS...`` (``exec``, same PID, environment and streams).
-Measured on the benchmark machine: 22 ms to start this command and connect against 55 ms for
-``python -m cutana.workflow_jobs``, which a 1000-source 64 px job (0.17 s of work) pays
-once per job.
+The rules of the jobs after the catalogue split run ``python -I -S <this file> STEP ARGS...``:
+Python without its ``site`` initialisation (no ``.pth`` files, no site-packages) and isolated
+(this file's folder, cutana's, is not on the module path), importing only the standard
+library. If the run's warm server (:mod:`cutana.warm_jobs`) takes the job, this process waits
+for its worker and exits with its status; otherwise it becomes ``python -m
+cutana.workflow_jobs STEP ARGS...`` (``exec``, same PID, environment and streams). Measured on
+the benchmark machine: 22 ms to start this command and connect against 55 ms for ``python -m
+cutana.workflow_jobs``, which a 1000-source 64 px job (0.17 s of work) pays once per job.
 
 This module is also the client half of :mod:`cutana.warm_jobs` (which imports it): the socket
 address of a run's server and the request it expects are defined here only.

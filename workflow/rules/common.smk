@@ -157,16 +157,17 @@ def job_command(warm=False):
     The interpreter is the one Snakemake gives a ``script:``: the conda environment's
     ``python`` with ``--sdm conda``, else the interpreter running Snakemake (cutana imports
     there: this file does). With ``warm``, for the steps a warm server runs, the command is
-    ``<python> -S <cutana>/job_client.py``, which hands the job to the server without Python's
-    site initialisation or cutana's imports and otherwise execs the first form (not with
-    conda: the environment's cutana lives elsewhere).
+    ``<python> -I -S <cutana>/job_client.py``, which hands the job to the server without
+    Python's site initialisation or cutana's imports (isolated: the script's folder, cutana's,
+    is not put on the module path) and otherwise execs the first form (not with conda: the
+    environment's cutana lives elsewhere).
     """
     in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
     if in_conda:
         return "python -m cutana.workflow_jobs"
     python = shlex.quote(sys.executable)
     if warm:
-        return f"{python} -S {shlex.quote(job_client.__file__)}"
+        return f"{python} -I -S {shlex.quote(job_client.__file__)}"
     return f"{python} -m cutana.workflow_jobs"
 
 
