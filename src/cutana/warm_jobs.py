@@ -41,7 +41,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import traceback
@@ -114,6 +113,8 @@ def spawn_server(command: Sequence[str]) -> None:
     that is idle while the first, serial stages run. Its output is discarded: a server that
     fails to start only leaves the jobs to run in their own processes.
     """
+    import subprocess  # here: a job's command imports this module, Snakemake's process spawns
+
     subprocess.Popen(
         list(command),
         stdin=subprocess.DEVNULL,
