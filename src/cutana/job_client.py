@@ -15,6 +15,7 @@ address of a run's server and the request it expects are defined here only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,19 +33,15 @@ RUN_VARIABLE = "CUTANA_RUN_PID"
 HEADER = struct.Struct("!I")
 STATUS = struct.Struct("!i")
 
-_PIDFDS_WORK: list[bool] = []
 
-
+@functools.lru_cache(maxsize=1)
 def _pidfds_work() -> bool:
     """Whether this kernel gives process file descriptors (Linux >= 5.3; not every sandbox)."""
-    if not _PIDFDS_WORK:
-        try:
-            os.close(os.pidfd_open(os.getpid()))
-        except (AttributeError, OSError):
-            _PIDFDS_WORK.append(False)
-        else:
-            _PIDFDS_WORK.append(True)
-    return _PIDFDS_WORK[0]
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def enabled(env=None) -> bool:

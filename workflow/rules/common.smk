@@ -138,6 +138,11 @@ def export_run_config(cfg):
     os.environ[warm_jobs.RUN_VARIABLE] = str(os.getpid())
 
 
+def jobs_use_conda():
+    """Whether the jobs run in conda environments (``--sdm conda``)."""
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
 def start_warm_server():
     """Start the run's warm job server (cutana.warm_jobs) when jobs run on this machine.
 
@@ -146,8 +151,7 @@ def start_warm_server():
     Not for cluster runs (each job has its own allocation) nor conda environments (their jobs
     run another interpreter, which this server's address would not match).
     """
-    in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    if workflow.local_exec and not in_conda and warm_jobs.enabled():
+    if workflow.local_exec and not jobs_use_conda() and warm_jobs.enabled():
         warm_jobs.spawn_server(server_command())
 
 
@@ -162,8 +166,7 @@ def job_command(warm=False):
     is not put on the module path) and otherwise execs the first form (not with conda: the
     environment's cutana lives elsewhere).
     """
-    in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    if in_conda:
+    if jobs_use_conda():
         return "python -m cutana.workflow_jobs"
     python = shlex.quote(sys.executable)
     if warm:
