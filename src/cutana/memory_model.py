@@ -39,8 +39,10 @@ import pyarrow as pa
 
 from . import arrow_tables, fits_io
 
-#: Declared memory (MB) of a cutout job whose batch has no model entry (should not happen in a
-#: normal run: the workflow profiles before it creates cutout jobs).
+#: Declared memory (MB) of a cutout job created before the model exists or whose batch it does
+#: not know. The workflow profiles before it creates cutout jobs wherever memory limits them (a
+#: cluster, ``--resources mem_mb``); a plain local run does not wait, and nothing checks the
+#: declared value there.
 FALLBACK_MEM_MB = 4000
 
 #: Lower bound of the fitted slope (MB per workload unit): a float32 stamp, its validity mask and

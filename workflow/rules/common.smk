@@ -214,15 +214,30 @@ def run_config_hash():
     return config_hash(config)
 
 
+def memory_limits_jobs():
+    """Whether the cutout jobs' declared ``mem_mb`` decides how many of them run at once.
+
+    It does on a cluster (each job asks for its memory) and locally under a memory budget
+    (``--resources mem_mb=...``, ``mem=...``; the Python API always gives one). A plain local
+    run (``snakemake --cores N``) has no memory budget: only cores limit it.
+    """
+    budgets = {name for name, _ in workflow.global_resources.items()}
+    return not workflow.local_exec or bool(budgets & {"mem_mb", "mem_mib", "mem"})
+
+
 def manifest_batch_names():
     """Names of all batches.
 
-    Resolves both checkpoints (raising IncompleteCheckpointException until they are done): the
-    split gives the names, and waiting for the memory profile means the model exists before any
-    cutout job is created, so their ``mem_mb`` comes from it.
+    Resolves the split checkpoint (raising IncompleteCheckpointException until it is done) for
+    the names. Where memory limits the jobs (:func:`memory_limits_jobs`) it resolves the memory
+    profile too, so the model exists before any cutout job is created and their ``mem_mb``
+    comes from it. Otherwise the cutout jobs start beside the profiling job instead of after it
+    (it is still run, for the run summary): a job created before the model exists declares
+    ``memory_model.FALLBACK_MEM_MB``, which no budget checks.
     """
     batches_dir = checkpoints.split_catalogue.get().output.batches
-    checkpoints.profile_memory.get()
+    if memory_limits_jobs():
+        checkpoints.profile_memory.get()
     with open(os.path.join(batches_dir, "manifest.json"), encoding="utf-8") as handle:
         manifest = json.load(handle)
     return [entry["name"] for entry in manifest["batches"]]

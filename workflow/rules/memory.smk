@@ -14,6 +14,9 @@ checkpoint profile_memory:
         "../../envs/cutana.yaml"
     resources:
         mem_mb=2000,
+    # When the cutout jobs do not wait for the model (common.smk, memory_limits_jobs), run it
+    # first among them: the jobs created after it declare the model's estimate.
+    priority: 1
     params:
         config_hash=run_config_hash(),
         scratch=PATHS.profile_scratch,
