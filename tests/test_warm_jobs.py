@@ -205,3 +205,29 @@ def test_the_address_is_per_run_user_and_code(monkeypatch):
     assert address.startswith(b"\0cutana-warm-jobs-") and address == warm_jobs.server_address()
     monkeypatch.setenv(warm_jobs.RUN_VARIABLE, "1235")
     assert warm_jobs.server_address() != address
+
+
+def test_requests_round_trip_and_anything_else_is_refused():
+    request = job_client.encode_request(["cutout_batch", "--log", "x.log"], "/tmp", {"A": "1"})
+    assert job_client.decode_request(request) == {
+        "argv": ["cutout_batch", "--log", "x.log"], "cwd": "/tmp", "env": {"A": "1"},
+    }  # fmt: skip
+    for bad in (b"", b"not marshal", job_client.marshal.dumps([1, 2])):
+        with pytest.raises(ValueError, match="not a job request"):
+            job_client.decode_request(bad)
+    for bad in ({"argv": "a", "cwd": "/", "env": {}}, {"argv": [], "cwd": "/", "env": {1: "x"}}):
+        with pytest.raises(ValueError, match="wrong type"):
+            job_client.decode_request(job_client.marshal.dumps(bad))
+
+
+def test_the_job_command_imports_no_pure_python_library_modules():
+    # Its start-up is paid once per job: socket, json, hashlib or functools would import enum,
+    # re and more (22 ms instead of 9 ms to start, on the benchmark machine).
+    probe = "import sys; import job_client; print(' '.join(sorted(sys.modules)))"
+    folder = os.path.dirname(job_client.__file__)
+    modules = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {folder!r}); {probe}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert "job_client" in modules
+    assert not {"socket", "json", "hashlib", "functools", "enum", "re"} & set(modules), modules

@@ -35,7 +35,6 @@ ends its processes with it), without :data:`RUN_VARIABLE` (a job run by hand) or
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import select
 import signal
@@ -52,6 +51,7 @@ from .job_client import (  # noqa: F401
     RUN_VARIABLE,
     STATUS,
     SWITCH_VARIABLE,
+    decode_request,
     enabled,
     recv_exactly,
     run_pid,
@@ -243,7 +243,7 @@ def _accept(listener, run_job, workers) -> None:
             return
         header, fds, _, _ = socket.recv_fds(conn, HEADER.size, 3)
         (size,) = HEADER.unpack(header)
-        request = json.loads(recv_exactly(conn, size))
+        request = decode_request(recv_exactly(conn, size))
     except (OSError, ValueError, struct.error, ConnectionError):
         conn.close()
         return
