@@ -299,7 +299,7 @@ def test_declared_memory_covers_a_real_batch_far_larger_than_the_sample(tmp_path
 
 def test_in_process_measurement_resets_the_peak_before_each_run(tmp_path, monkeypatch):
     """Without ``env`` the sample runs in this process; its earlier peak must not leak in."""
-    if not memory_model._reset_peak_rss():
+    if not memory_model.reset_peak_rss():
         pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
     (tmp_path / "fake_runner_here.py").write_text(FAKE_RUNNER)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def job(argv: list[str]) -> None:
-    """A job for the test server: ``write PATH TEXT``, ``fail CODE``, ``sleep PATH``."""
+    """A job for the test server: ``write PATH TEXT``, ``fail CODE``, ``raise``, ``sleep PATH``,
+    ``pid PATH`` (writes the worker's PID, directory and ``JOB_TAG``)."""
     if argv[0] == "write":
         Path(argv[1]).write_text(f"{argv[2]} {os.getcwd()} {os.environ.get('JOB_TAG')}")
         print("written", flush=True)
@@ -35,6 +36,9 @@ def job(argv: list[str]) -> None:
     elif argv[0] == "sleep":
         Path(argv[1]).write_text(str(os.getpid()))
         time.sleep(60)
+    elif argv[0] == "pid":
+        Path(argv[1]).write_text(f"{os.getpid()} {os.getcwd()} {os.environ.get('JOB_TAG')}")
+        print("pid written", flush=True)
 
 
 @pytest.fixture
@@ -42,6 +46,7 @@ def server(monkeypatch):
     monkeypatch.setattr(warm_jobs, "IDLE_EXIT_S", 1.0)
     address = b"\0cutana-test-" + uuid.uuid4().hex.encode()
     warm_jobs.start_server(job, address, owner=os.getpid())
+    assert wait_for(lambda: accepts(address))  # the server binds just after start_server returns
     return address
 
 
@@ -85,6 +90,62 @@ def test_exit_status_and_errors_reach_the_caller(server):
     )  # fmt: skip
     assert client.returncode == 1
     assert "ValueError: the job broke" in client.stderr
+
+
+def test_a_reusable_job_leaves_its_worker_for_the_next_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(warm_jobs, "IDLE_EXIT_S", 1.0)
+    address = b"\0cutana-test-" + uuid.uuid4().hex.encode()
+    warm_jobs.start_server(job, address, owner=os.getpid(), reusable={"pid", "fail"})
+    assert wait_for(lambda: accepts(address))
+
+    def worker_of(name, tag=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        if tag is None:
+            monkeypatch.delenv("JOB_TAG", raising=False)
+        else:
+            monkeypatch.setenv("JOB_TAG", tag)
+        assert warm_jobs.run_via_server(["pid", str(folder / "out")], address) == 0
+        pid, cwd, seen_tag = (folder / "out").read_text().split()
+        assert (cwd, seen_tag) == (str(folder), str(tag))  # each job's own directory and env
+        return pid
+
+    first = worker_of("a", tag="tag-a")
+    assert worker_of("b") == first  # the same worker, without the first job's JOB_TAG
+    assert warm_jobs.run_via_server(["fail", "2"], address) == 2
+    # A failed job ends its worker (after the job of "b", the worker was idle and took it).
+    assert worker_of("c") != first
+
+
+def test_other_jobs_get_a_fresh_worker_each(server, tmp_path):
+    pids = set()
+    for name in ("a", "b"):
+        assert warm_jobs.run_via_server(["pid", str(tmp_path / name)], server) == 0
+        pids.add((tmp_path / name).read_text().split()[0])
+    assert len(pids) == 2
+
+
+def test_a_reused_worker_does_not_keep_the_commands_output_open(tmp_path):
+    # Snakemake reads a job's output until its end: a worker that waits for its next job
+    # must hold no copy of the finished command's streams (nor of those it was forked with).
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    address = b"\0cutana-test-" + uuid.uuid4().hex.encode()
+    warm_jobs.start_server(job, address, owner=run.pid, reusable={"pid"})
+    assert wait_for(lambda: accepts(address))
+    try:
+        for name in ("a", "b"):
+            client = subprocess.run(
+                [sys.executable, "-c",
+                 "import sys; from cutana import warm_jobs; sys.exit(warm_jobs.run_via_server("
+                 f"['pid', {str(tmp_path / name)!r}], {address!r}))"],
+                capture_output=True, text=True, timeout=20,
+            )  # fmt: skip
+            assert client.returncode == 0 and client.stdout == "pid written\n"
+        assert (tmp_path / "a").read_text().split()[0] == (tmp_path / "b").read_text().split()[0]
+    finally:
+        run.kill()
+        run.wait()
 
 
 def test_without_a_server_the_caller_is_told_to_run_the_job_itself():
@@ -173,6 +234,7 @@ def test_the_job_command_hands_its_job_to_the_runs_server(monkeypatch, tmp_path)
     monkeypatch.setattr(warm_jobs, "IDLE_EXIT_S", 1.0)
     monkeypatch.setenv(warm_jobs.RUN_VARIABLE, str(os.getpid()))
     warm_jobs.start_server(job, warm_jobs.server_address(), owner=os.getpid())
+    assert wait_for(lambda: accepts(warm_jobs.server_address()))
     command = [sys.executable, "-I", "-S", job_client.__file__]
     done = subprocess.run([*command, "write", str(tmp_path / "out"), "hi"], cwd=tmp_path)
     assert done.returncode == 0 and (tmp_path / "out").read_text().startswith(f"hi {tmp_path}")

@@ -163,6 +163,10 @@ def test_jobs_after_the_split_run_in_warm_workers(zarr_run):
     logs += [logs_dir / f"{step}.log" for step in ("profile_memory", "merge_index", "gallery")]
     assert len(logs) > 3 and all("run by a warm server's worker" in log.read_text() for log in logs)
     assert "run by its command" in (logs_dir / "split_catalogue.log").read_text()
+    # Cutout jobs leave their worker to the next one (a job's log names its process).
+    cutout_logs = sorted((logs_dir / "cutout_batch").glob("*.log"))
+    pids = {re.search(r"worker, pid (\d+)", log.read_text())[1] for log in cutout_logs}
+    assert len(pids) < len(cutout_logs), pids
 
 
 def test_second_run_has_nothing_to_do(zarr_run):

@@ -410,7 +410,7 @@ def measure_peak_rss(
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        if env is None and _reset_peak_rss():
+        if env is None and reset_peak_rss():
             # This process's peak can be reset: run here, saving a child's start-up and
             # imports (~1 s of every run's fixed cost). It has imported what a cutout job
             # imports, so the measured fixed cost matches.
@@ -517,7 +517,7 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's peak RSS (``VmHWM``) to its current RSS; False where impossible.
 
     Linux resets the high-water mark when ``5`` is written to ``/proc/self/clear_refs``.
@@ -541,7 +541,7 @@ def _measure_runs(sample: pa.Table, cfg: dict, scratch: Path, run_batch, reset: 
         rows_path = scratch / f"run{run}.parquet"
         pq.write_table(sample.slice(0, n_rows), rows_path)
         if reset:
-            _reset_peak_rss()
+            reset_peak_rss()
         # The config was validated (as for a cutout job, whose imports the measured fixed
         # cost must match: no jsonschema).
         run_batch(

@@ -79,6 +79,9 @@ WARM_MODULES = (
 #: served: it starts as the server does and imports astropy, which the later jobs do not.
 WARM_STEPS = ("profile_memory", "cutout_batch", "merge_index", "gallery")
 SERVER_STARTING_STEPS = ("profile_memory", "cutout_batch")
+#: Steps whose warm worker runs the next job too (cutana.warm_jobs): the many cutout jobs. The
+#: profiling job measures a fresh worker's memory; the other steps run once per run.
+REUSED_WORKER_STEPS = ("cutout_batch",)
 
 #: The argument that makes ``python -m cutana.workflow_jobs`` a warm server (onstart hook).
 SERVE_COMMAND = "serve"
@@ -193,7 +196,7 @@ def profile_memory_job(args, config: dict, log: logging.Logger) -> None:
 
 def cutout_batch_job(args, config: dict, log: logging.Logger) -> None:
     from .engine import run_batch
-    from .memory_model import peak_rss_mb
+    from .memory_model import peak_rss_mb, reset_peak_rss
 
     # A killed earlier attempt of this batch may have left its temporary folder/file behind
     # (writes are tmp + rename); only this batch's leftovers are removed, other jobs run on.
@@ -203,6 +206,8 @@ def cutout_batch_job(args, config: dict, log: logging.Logger) -> None:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     # Recorded so the declared memory can be checked against the measured peak (benchmark).
     log.info("declared resources: mem_mb=%s", args.mem_mb)
+    # The peak logged below is this job's, also in a warm worker that ran an earlier one.
+    reset_peak_rss()
     # The Snakefile validated and completed the config before any job was created.
     run_batch(args.batch, args.batch_dir, args.status, config, config_validated=True)
     # Snakemake's benchmark samples memory every few tenths of a second and misses the peak
@@ -279,14 +284,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_step(argv: list[str]) -> None:
-    """Run the job named by ``argv`` in this process; exit at once when it succeeded."""
+    """Run the job named by ``argv`` in this process (a warm worker may run more after it)."""
     args = _parser().parse_args(argv)
     config = load_run_config(args.config)
     with logged_step(args.log, config.get("log_level", "INFO"), args.step) as log:
-        log.info("run by %s", "a warm server's worker" if warm_jobs.IN_WORKER else "its command")
+        runner = "a warm server's worker" if warm_jobs.IN_WORKER else "its command"
+        log.info("run by %s, pid %d", runner, os.getpid())
         args.run(args, config, log)
-    # Every output is closed (written to a temporary name and renamed into place).
-    exit_without_teardown()
 
 
 def import_warm_modules() -> None:
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     warm = warm_jobs.enabled()
     if step == SERVE_COMMAND:
         if warm:
-            warm_jobs.serve(run_step, prepare=import_warm_modules)
+            warm_jobs.serve(run_step, import_warm_modules, reusable=REUSED_WORKER_STEPS)
         return
     if warm and step in WARM_STEPS:
         status = warm_jobs.run_via_server(argv)
@@ -320,8 +324,10 @@ def main(argv: list[str] | None = None) -> None:
             os._exit(status)
     if warm and step in SERVER_STARTING_STEPS:
         import_warm_modules()
-        warm_jobs.start_server(run_step)
+        warm_jobs.start_server(run_step, reusable=REUSED_WORKER_STEPS)
     run_step(argv)
+    # Every output is closed (written to a temporary name and renamed into place).
+    exit_without_teardown()
 
 
 if __name__ == "__main__":
