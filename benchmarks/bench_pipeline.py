@@ -11,6 +11,11 @@ float32, 20,000 sources with diameters 32-256 px), then measures, for every cell
 * with ``--with-upstream``: upstream Cutana 0.4.0 from PyPI in its own virtual environment
   (``--upstream-python``, default ``/opt/upstream-cutana/bin/python``; made if absent).
 
+With ``--repeat N`` every cell runs cutana and upstream N times each, alternately, and keeps
+each tool's fastest run (all run times are printed): the machine's speed drifts by ~15 % within
+minutes. Before every measured run of either tool the cell's FITS files are read once, so both
+start from a warm page cache.
+
 Prints a Markdown table of cutouts/s, ratios and peak RSS. Besides the end-to-end rate (wall
 time of the whole ``snakemake`` run, like upstream's ``Orchestrator.run()``) it reports the rate
 of the cutout stage alone (cutout job seconds from Snakemake's benchmark files, divided by the
@@ -130,12 +135,21 @@ def make_survey(workdir: Path, args) -> Path:
         picks = [ALL_BANDS.index(b) for b in bands]
         sub["fits_file_paths"] = paths.map(lambda p, picks=picks: json.dumps([p[i] for i in picks]))
         sub.to_csv(survey / f"catalogue_{len(bands)}band.csv", index=False)
-    # Warm the page cache, as the issue's figures were measured with a warm cache.
-    for fits_path in sorted(survey.glob("*.fits")):
-        with open(fits_path, "rb") as handle:
+    warm_page_cache(sorted(survey.glob("*.fits")))
+    return survey
+
+
+def warm_page_cache(paths) -> None:
+    """Read files once, as the issue's figures were measured with a warm page cache."""
+    for path in paths:
+        with open(path, "rb") as handle:
             while handle.read(1 << 24):
                 pass
-    return survey
+
+
+def cell_files(survey: Path, bands: list[str]) -> list[Path]:
+    """The FITS files a cell reads (every tile's file of each of its bands)."""
+    return sorted(p for band in bands for p in survey.glob(f"tile*_{band}.fits"))
 
 
 def load() -> str:
@@ -467,6 +481,9 @@ def main(argv=None):
     parser.add_argument("--cells", default="64x1,64x3,256x1,256x3")
     parser.add_argument("--naive-limit", type=int, default=1500)
     parser.add_argument("--with-upstream", action="store_true")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each tool per cell (the fastest is kept)"
+    )
     parser.add_argument("--upstream-python", default="/opt/upstream-cutana/bin/python")
     parser.add_argument("--skip-extras", action="store_true", help="matrix only")
     parser.add_argument("--skip-matrix", action="store_true", help="extras only")
@@ -489,14 +506,26 @@ def main(argv=None):
         for cell in args.cells.split(","):
             res, n = (int(v) for v in cell.split("x"))
             bands = BANDS_1 if n == 1 else BANDS_3
-            ours = cutana_cell(survey, workdir, res, bands, args)
+            ours_runs, theirs_runs = [], []
+            for _ in range(args.repeat):  # alternately, each after warming the cell's files
+                warm_page_cache(cell_files(survey, bands))
+                ours_runs.append(cutana_cell(survey, workdir, res, bands, args))
+                if upstream:
+                    warm_page_cache(cell_files(survey, bands))
+                    theirs_runs.append(upstream_cell(survey, workdir, res, bands, upstream))
+            ours = fastest(ours_runs)
+            theirs = fastest(theirs_runs) if upstream else None
             naive = naive_loop(survey, bands, res, args.naive_limit)
-            theirs = upstream_cell(survey, workdir, res, bands, upstream) if upstream else None
             rows.append((res, n, ours, naive, theirs, floors[n]))
             print(
                 f"{res}px x{n}: cutana {ours['rate']:.0f}/s (stage {ours['stage_rate']:.0f}/s, "
-                f"load {ours['load']}), naive {naive['rate']:.0f}/s"
-                + (f", upstream {theirs['rate']:.0f}/s (load {theirs['load']})" if theirs else ""),
+                f"load {ours['load']}, runs {ours['runs']}), naive {naive['rate']:.0f}/s"
+                + (
+                    f", upstream {theirs['rate']:.0f}/s (load {theirs['load']}, "
+                    f"runs {theirs['runs']})"
+                    if theirs
+                    else ""
+                ),
                 file=sys.stderr,
             )
     overhead = scale_rows = mosaic_rows = None
@@ -508,6 +537,13 @@ def main(argv=None):
     if rows:
         print_matrix(rows, upstream, args)
     print_extras(overhead, scale_rows, mosaic_rows, args)
+
+
+def fastest(runs: list[dict]) -> dict:
+    """The run with the shortest wall time, with every run's time (s) under ``runs``."""
+    best = dict(min(runs, key=lambda run: run["elapsed"]))
+    best["runs"] = "/".join(f"{run['elapsed']:.1f}" for run in runs)
+    return best
 
 
 def compile_cutana() -> None:
@@ -528,7 +564,7 @@ def print_matrix(rows, upstream, args) -> None:
     print(
         f"\nSurvey: {args.tiles} tiles x 4 bands x {args.size}^2 float32, {args.sources} "
         f"sources (32-256 px), asinh, float32, Zarr, batches of {args.batch}, "
-        f"--cores {args.cores}\n"
+        f"--cores {args.cores}; fastest of {args.repeat} run(s) per tool and cell\n"
     )
     header = (
         "| cell | cutana cutouts/s (end to end) | cutout stage/s | peak RSS per job (MB) "
@@ -543,13 +579,14 @@ def print_matrix(rows, upstream, args) -> None:
     for res, n, ours, naive, theirs, floor in rows:
         line = (
             f"| {res} px x {n} ch | {ours['rate']:.0f} ({ours['n']} in {ours['elapsed']:.1f}"
-            f" s) | {ours['stage_rate']:.0f} | {ours['peak_job_mb']:.0f} | {naive['rate']:.0f} | "
+            f" s; runs {ours['runs']} s) | {ours['stage_rate']:.0f} | "
+            f"{ours['peak_job_mb']:.0f} | {naive['rate']:.0f} | "
             f"{ours['rate'] / naive['rate']:.1f}x | {floor['rate']:.0f} | "
             f"{100 * ours['rate'] / floor['rate']:.0f} % | {ours['load']} |"
         )
         if theirs:
             line += (
-                f" {theirs['rate']:.0f} | {theirs['peak_tree_mb']:.0f} | "
+                f" {theirs['rate']:.0f} (runs {theirs['runs']} s) | {theirs['peak_tree_mb']:.0f} | "
                 f"{ours['rate'] / theirs['rate']:.1f}x | {theirs['load']} |"
             )
         print(line)
