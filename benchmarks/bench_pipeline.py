@@ -13,8 +13,8 @@ float32, 20,000 sources with diameters 32-256 px), then measures, for every cell
 
 With ``--repeat N`` every cell runs cutana and upstream N times each, alternately, and keeps
 each tool's fastest run (all run times are printed): the machine's speed drifts by ~15 % within
-minutes. Before every measured run of either tool the cell's FITS files are read once, so both
-start from a warm page cache.
+minutes. Before every measured run of either tool the cell's FITS files are read once and the
+dirty pages written out (``sync``), so both start from a warm page cache and an idle disk.
 
 Prints a Markdown table of cutouts/s, ratios and peak RSS. Besides the end-to-end rate (wall
 time of the whole ``snakemake`` run, like upstream's ``Orchestrator.run()``) it reports the rate
@@ -140,11 +140,14 @@ def make_survey(workdir: Path, args) -> Path:
 
 
 def warm_page_cache(paths) -> None:
-    """Read files once, as the issue's figures were measured with a warm page cache."""
+    """Read files once, as the issue's figures were measured with a warm page cache; then
+    write out every dirty page (``sync``), so that no earlier run's writes (upstream writes
+    ~1.5 GB per cell) are flushed during the next measured run."""
     for path in paths:
         with open(path, "rb") as handle:
             while handle.read(1 << 24):
                 pass
+    os.sync()
 
 
 def cell_files(survey: Path, bands: list[str]) -> list[Path]:
