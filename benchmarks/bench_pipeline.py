@@ -141,8 +141,8 @@ def make_survey(workdir: Path, args) -> Path:
 
 def warm_page_cache(paths) -> None:
     """Read files once, as the issue's figures were measured with a warm page cache; then
-    write out every dirty page (``sync``), so that no earlier run's writes (upstream writes
-    ~1.5 GB per cell) are flushed during the next measured run."""
+    write out every dirty page (``sync``), so that no earlier run's writes (each run writes
+    all its cutouts) are flushed during the next measured run."""
     for path in paths:
         with open(path, "rb") as handle:
             while handle.read(1 << 24):
