@@ -10,13 +10,13 @@ checkpoint profile_memory:
         f"{PATHS.logs}/profile_memory.log",
     benchmark:
         f"{PATHS.benchmarks}/profile_memory.tsv"
+    # When the cutout jobs do not wait for the model (common.smk, memory_limits_jobs), start it
+    # first among them rather than last, where it would lengthen the end of the run.
+    priority: 1
     conda:
         "../../envs/cutana.yaml"
     resources:
         mem_mb=2000,
-    # When the cutout jobs do not wait for the model (common.smk, memory_limits_jobs), run it
-    # first among them: the jobs created after it declare the model's estimate.
-    priority: 1
     params:
         config_hash=run_config_hash(),
         scratch=PATHS.profile_scratch,
