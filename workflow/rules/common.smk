@@ -218,8 +218,9 @@ def memory_limits_jobs():
     """Whether the cutout jobs' declared ``mem_mb`` decides how many of them run at once.
 
     It does on a cluster (each job asks for its memory) and locally under a memory budget
-    (``--resources mem_mb=...``, ``mem=...``; the Python API always gives one). A plain local
-    run (``snakemake --cores N``) has no memory budget: only cores limit it.
+    (``--resources mem_mb=...``, ``mem=...``; the Python API gives one unless it is given a
+    profile). A plain local run (``snakemake --cores N``) has no memory budget: only cores
+    limit it.
     """
     budgets = {name for name, _ in workflow.global_resources.items()}
     return not workflow.local_exec or bool(budgets & {"mem_mb", "mem_mib", "mem"})
