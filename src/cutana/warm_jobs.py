@@ -206,7 +206,7 @@ def _bind(address: bytes) -> socket.socket | None:
     return listener
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity (membership, removal)
 class _Worker:
     """A worker process as the server sees it."""
 
