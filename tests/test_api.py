@@ -498,13 +498,15 @@ def test_error_from_log_prefers_the_script_exception(tmp_path):
 
 # --------------------------------------------------------------------------- real workflow
 
-N_SOURCES = 40
+# 20 batches: enough jobs for a stop to land mid-run however fast each job is (of 4, a reused
+# warm worker finished all before the stop of the resume test took effect).
+N_SOURCES = 200
 BATCH = 10
 
 
 @pytest.fixture(scope="module")
 def demo_survey(tmp_path_factory):
-    """A tiny 4-band demo survey: one 256-pixel tile, 40 sources of 8-24 pixels."""
+    """A tiny 4-band demo survey: one 256-pixel tile, 200 sources of 8-24 pixels."""
     demo = pytest.importorskip("cutana.demo")
     pytest.importorskip("cutana.engine")
     out = tmp_path_factory.mktemp("demo")
