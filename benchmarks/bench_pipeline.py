@@ -11,6 +11,12 @@ float32, 20,000 sources with diameters 32-256 px), then measures, for every cell
 * with ``--with-upstream``: upstream Cutana 0.4.0 from PyPI in its own virtual environment
   (``--upstream-python``, default ``/opt/upstream-cutana/bin/python``; made if absent).
 
+Cutana runs with this interpreter, or with ``--cutana-python``: a path that does not exist is
+made as a virtual environment holding only this repository and its dependencies, like
+upstream's. Snakemake imports every installed executor plugin and storage transport when it
+starts (the SLURM plugin imports pandas, smart_open imports boto3 where installed), so a
+crowded environment starts every run later.
+
 With ``--repeat N`` every cell runs cutana and upstream N times each, alternately, and keeps
 each tool's fastest run (all run times are printed): the machine's speed drifts by ~15 % within
 minutes. Before every measured run of either tool the cell's FITS files are read once and the
@@ -223,7 +229,7 @@ def cutana_cell(
     cfg_path = out / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     cmd = [
-        sys.executable,
+        args.cutana_python,
         "-m",
         "snakemake",
         "--snakefile",
@@ -473,6 +479,17 @@ def ensure_upstream(python: str) -> str:
     return python
 
 
+def ensure_cutana(python: str) -> str:
+    """The interpreter that runs cutana; a path that does not exist yet becomes a venv holding
+    only this repository (editable, no extras) and its dependencies, as upstream's venv holds
+    only upstream's."""
+    if not Path(python).exists():
+        venv = Path(python).parent.parent
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
+    return python
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="bench_out")
@@ -488,6 +505,12 @@ def main(argv=None):
         "--repeat", type=int, default=1, help="runs of each tool per cell (the fastest is kept)"
     )
     parser.add_argument("--upstream-python", default="/opt/upstream-cutana/bin/python")
+    parser.add_argument(
+        "--cutana-python",
+        default=sys.executable,
+        help="interpreter of cutana's snakemake runs (default: this one); one that does not "
+        "exist yet is made as a venv with only cutana installed",
+    )
     parser.add_argument("--skip-extras", action="store_true", help="matrix only")
     parser.add_argument("--skip-matrix", action="store_true", help="extras only")
     parser.add_argument("--repeat-overhead", type=int, default=3, help="0: skip")
@@ -501,6 +524,7 @@ def main(argv=None):
     compile_cutana()
     survey = make_survey(workdir, args)
     upstream = ensure_upstream(args.upstream_python) if args.with_upstream else None
+    args.cutana_python = ensure_cutana(args.cutana_python)
 
     print(f"machine: {os.cpu_count()} cores, load {load()} at start", file=sys.stderr)
     rows = []
