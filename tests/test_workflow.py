@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,9 +19,9 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
+from workflow_helpers import snakemake, snakemake_command
 
 from cutana import memory_model, warm_jobs
-from cutana.paths import snakefile
 
 pytestmark = pytest.mark.slow
 
@@ -45,27 +44,10 @@ CONFIG = {
 STATUSES = {"ok", "partial", "no_overlap", "failed"}
 
 
-def snakemake_command(work_dir, *extra):
-    return [
-        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile()),
-        "--directory", str(work_dir), "--configfile", str(work_dir / "config.yaml"),
-        "--cores", "2", *extra,
-    ]  # fmt: skip
-
-
 def write_config(work_dir, **overrides):
     work_dir.mkdir(parents=True, exist_ok=True)
     config = {**CONFIG, **overrides}
     (work_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def run_snakemake(work_dir, *extra):
-    completed = subprocess.run(
-        snakemake_command(work_dir, *extra), capture_output=True, text=True, timeout=600
-    )
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output[-6000:]
-    return output
 
 
 def job_counts(output):
@@ -90,7 +72,7 @@ def zarr_run(tmp_path_factory):
     """One complete Zarr run of the demo (the workflow makes the demo survey itself)."""
     work_dir = tmp_path_factory.mktemp("zarr_run")
     write_config(work_dir)
-    output = run_snakemake(work_dir)
+    output = snakemake(work_dir)
     return work_dir, output
 
 
@@ -171,7 +153,7 @@ def test_jobs_after_the_split_run_in_warm_workers(zarr_run):
 
 def test_second_run_has_nothing_to_do(zarr_run):
     work_dir, _ = zarr_run
-    output = run_snakemake(work_dir)
+    output = snakemake(work_dir)
     assert "Nothing to be done" in output
     assert job_counts(output).get("cutout_batch", 0) == 0
 
@@ -186,7 +168,7 @@ def test_deleting_one_batch_reruns_only_that_batch(zarr_run):
     del untouched_mtimes[victim.name]
     subprocess.run(["rm", "-rf", str(victim)], check=True)
 
-    counts = job_counts(run_snakemake(work_dir))
+    counts = job_counts(snakemake(work_dir))
     assert counts["cutout_batch"] == 1
     assert victim.is_dir()
     for name, mtime in untouched_mtimes.items():
@@ -201,7 +183,7 @@ def test_fits_output(zarr_run, tmp_path):
         tmp_path, output_format="fits", source_catalogue=str(demo_catalogue),
         N_batch_cutout_process=20,
     )  # fmt: skip
-    counts = job_counts(run_snakemake(tmp_path))
+    counts = job_counts(snakemake(tmp_path))
     assert "make_demo_survey" not in counts
     from astropy.io import fits
 
@@ -239,8 +221,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(zarr_run, tmp_path):
         process.wait()
     assert not (tmp_path / "out" / "source_to_zarr_mapping.parquet").exists()
 
-    run_snakemake(tmp_path, "--unlock")
-    run_snakemake(tmp_path)
+    snakemake(tmp_path, "--unlock")
+    snakemake(tmp_path)
 
     reference_out, resumed_out = reference_dir / "out", tmp_path / "out"
     pd.testing.assert_frame_equal(
