@@ -471,22 +471,14 @@ def print_extras(overhead, scale_rows, mosaic_rows, args) -> None:
             print(f"| {side} | {r['n']} | {r['peak_job_mb']:.0f} | {r['load']} |")
 
 
-def ensure_upstream(python: str) -> str:
+def ensure_venv(python: str, *requirements: str) -> str:
+    """``python``; where it does not exist yet, first make its venv and pip-install
+    ``requirements`` there (upstream: ``cutana==0.4.0``; cutana: this repository, editable, no
+    extras), so each tool runs beside only its own dependencies."""
     if not Path(python).exists():
         venv = Path(python).parent.parent
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "cutana==0.4.0"], check=True)
-    return python
-
-
-def ensure_cutana(python: str) -> str:
-    """The interpreter that runs cutana; a path that does not exist yet becomes a venv holding
-    only this repository (editable, no extras) and its dependencies, as upstream's venv holds
-    only upstream's."""
-    if not Path(python).exists():
-        venv = Path(python).parent.parent
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", *requirements], check=True)
     return python
 
 
@@ -523,8 +515,8 @@ def main(argv=None):
     workdir.mkdir(parents=True, exist_ok=True)
     compile_cutana()
     survey = make_survey(workdir, args)
-    upstream = ensure_upstream(args.upstream_python) if args.with_upstream else None
-    args.cutana_python = ensure_cutana(args.cutana_python)
+    upstream = ensure_venv(args.upstream_python, "cutana==0.4.0") if args.with_upstream else None
+    args.cutana_python = ensure_venv(args.cutana_python, "-e", str(REPO))
 
     print(f"machine: {os.cpu_count()} cores, load {load()} at start", file=sys.stderr)
     rows = []
