@@ -35,6 +35,8 @@ export_run_config(config)
 PATHS = workflow_paths(config)
 JOB = job_command()
 WARM_JOB = job_command(warm=True)
+# The pixel-relevant settings, for the commands of the rules whose outputs they change.
+PIXEL_SETTINGS = settings_option(config_hash(config))
 
 
 include: "workflow/rules/demo.smk"

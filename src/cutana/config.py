@@ -263,6 +263,15 @@ def band_extensions(config: Mapping) -> list[str | int]:
     return exts * len(bands) if len(exts) == 1 else exts
 
 
+def settings_hash(settings) -> str:
+    """A stable 12-hex-digit hash of a mapping (or any value) of settings: equal settings, in
+    any key order, give the same hash."""
+    blob = json.dumps(to_plain(settings), sort_keys=True, default=str).encode()
+    import hashlib  # here: loading OpenSSL costs every job ~10 ms, and jobs never hash
+
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
 def config_hash(config: Mapping) -> str:
     """A stable short hash of the settings that change the pixels (not paths or log levels)."""
     plain = to_plain(config)
@@ -280,11 +289,7 @@ def config_hash(config: Mapping) -> str:
         "gallery",
         "max_workflow_time_seconds",
     }
-    relevant = {k: v for k, v in plain.items() if k not in ignored}
-    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
-    import hashlib  # here: loading OpenSSL costs every job ~10 ms, and jobs never hash
-
-    return hashlib.sha256(blob).hexdigest()[:12]
+    return settings_hash({k: v for k, v in plain.items() if k not in ignored})
 
 
 #: Environment variable carrying the run's validated configuration (JSON) to the workflow's

@@ -267,6 +267,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         sub.add_argument("--log", required=True, help="the rule's log file")
         sub.add_argument("--config", help=f"config file instead of ${CONFIG_VARIABLE}")
+        sub.add_argument(
+            "--settings",
+            metavar="DIGEST",
+            help="hash of the settings the outputs depend on; ignored here, it is in the "
+            "rule's command so that Snakemake reruns the job when they change",
+        )
         for option in options:
             sub.add_argument(f"--{option}", required=True)
         return sub

@@ -14,8 +14,6 @@ checkpoint split_catalogue:
         "../../envs/cutana.yaml"
     resources:
         mem_mb=2000,
-    params:
-        config_hash=run_config_hash(),
     shell:
-        f"{JOB} split_catalogue --log {{log:q}} --catalogue {{input.catalogue:q}} "
-        "--batches {output.batches:q}"
+        f"{JOB} split_catalogue {PIXEL_SETTINGS} --log {{log:q}} "
+        "--catalogue {input.catalogue:q} --batches {output.batches:q}"

@@ -18,6 +18,7 @@ from cutana.config import (
     import_jsonschema,
     read_yaml,
     run_config_json,
+    settings_hash,
     validate_config,
 )
 from cutana.exceptions import ConfigValidationError
@@ -209,9 +210,23 @@ def demo_catalogue_path(cfg):
     return demo_path
 
 
-def run_config_hash():
-    """Hash of the pixel-relevant settings: a `params` so that changing them reruns the jobs."""
-    return config_hash(config)
+def settings_option(digest):
+    """``--settings DIGEST`` for a rule's command, ``DIGEST`` being the hash of the settings
+    its outputs depend on (cutana.config: ``config_hash``, ``settings_hash``).
+
+    Snakemake reruns a job whose rule's command changed since it last ran (its ``code`` rerun
+    trigger), so changing those settings reruns the rule's jobs; the job itself ignores the
+    option. Not a ``params``: to record any job's params Snakemake first imports pandas when it
+    is installed (cutana needs it), ~0.3 s of every run spent by its one process before the
+    cutout jobs can start (docs/benchmarks.md, session 10).
+    """
+    return f"--settings {digest}"
+
+
+def shell_arg(value):
+    """``value`` quoted for a rule's shell command, its braces kept literal (Snakemake fills in
+    ``{...}`` in a command as its own placeholders)."""
+    return shlex.quote(str(value)).replace("{", "{{").replace("}", "}}")
 
 
 def memory_limits_jobs():

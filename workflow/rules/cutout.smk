@@ -16,9 +16,7 @@ rule cutout_batch:
     threads: 1
     resources:
         mem_mb=cutout_mem_mb,
-    params:
-        config_hash=run_config_hash(),
     shell:
-        f"{WARM_JOB} cutout_batch --log {{log:q}} --batch {{input.batch:q}} "
+        f"{WARM_JOB} cutout_batch {PIXEL_SETTINGS} --log {{log:q}} --batch {{input.batch:q}} "
         "--batch-dir {output.batch_dir:q} --status {output.status:q} "
         "--mem-mb {resources.mem_mb}"

@@ -12,7 +12,6 @@ rule make_demo_survey:
         "../../envs/cutana.yaml"
     resources:
         mem_mb=1000,
-    params:
-        demo=config["demo"],
     shell:
-        f"{JOB} make_demo_survey --log {{log:q}} --catalogue {{output.catalogue:q}}"
+        f"{JOB} make_demo_survey {settings_option(settings_hash(config['demo']))} "
+        "--log {log:q} --catalogue {output.catalogue:q}"

@@ -17,9 +17,7 @@ checkpoint profile_memory:
         "../../envs/cutana.yaml"
     resources:
         mem_mb=2000,
-    params:
-        config_hash=run_config_hash(),
-        scratch=PATHS.profile_scratch,
     shell:
-        f"{WARM_JOB} profile_memory --log {{log:q}} --batches {{input.batches:q}} "
-        "--model {output.model:q} --scratch {params.scratch:q}"
+        f"{WARM_JOB} profile_memory {PIXEL_SETTINGS} --log {{log:q}} "
+        "--batches {input.batches:q} --model {output.model:q} "
+        f"--scratch {shell_arg(PATHS.profile_scratch)}"

@@ -19,17 +19,11 @@ rule merge_index:
         "../../envs/cutana.yaml"
     resources:
         mem_mb=2000,
-    params:
-        benchmarks_dir=PATHS.benchmarks,
-        logs_dir=PATHS.logs,
-        # A function: Snakemake would fill in the {batch} of a plain string as a wildcard.
-        status_pattern=lambda wildcards: PATHS.status,
-        output_dir=lambda wildcards, output: os.path.dirname(output.index),
     shell:
         f"{WARM_JOB} merge_index --log {{log:q}} --batches {{input.batches:q}} "
-        "--status-pattern {params.status_pattern:q} "
-        "--benchmarks-dir {params.benchmarks_dir:q} --logs-dir {params.logs_dir:q} "
-        "--output-dir {params.output_dir:q}"
+        f"--status-pattern {shell_arg(PATHS.status)} "
+        f"--benchmarks-dir {shell_arg(PATHS.benchmarks)} --logs-dir {shell_arg(PATHS.logs)} "
+        f"--output-dir {shell_arg(PATHS.out)}"
 
 
 # The gallery reads the batches' status tables itself (not the merged index), so it runs
@@ -50,10 +44,7 @@ rule gallery:
         "../../envs/cutana.yaml"
     resources:
         mem_mb=1000,
-    params:
-        output_dir=lambda wildcards, output: os.path.dirname(output.png),
-        status_pattern=lambda wildcards: PATHS.status,
-        n_samples=config["gallery"]["n_samples"],
     shell:
-        f"{WARM_JOB} gallery --log {{log:q}} --batches {{input.batches:q}} "
-        "--status-pattern {params.status_pattern:q} --output-dir {params.output_dir:q}"
+        f"{WARM_JOB} gallery {settings_option(settings_hash(config['gallery']))} "
+        "--log {log:q} --batches {input.batches:q} "
+        f"--status-pattern {shell_arg(PATHS.status)} --output-dir {shell_arg(PATHS.out)}"
