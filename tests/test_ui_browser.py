@@ -1,9 +1,10 @@
-"""The cutana UI as a Voila page in a real (headless, system) Chromium.
+"""The cutana UI in a real (headless, system) Chromium: as a Voila page and in JupyterLab.
 
-Starts ``voila notebooks/cutana_ui.ipynb`` on a free port with a tiny demo survey pre-filled
-through ``CUTANA_UI_CATALOGUE``, then, like a user: picks the demo catalogue, changes a
-normalisation parameter and checks that the preview image bytes change, starts a run, waits for
-it to complete and finds the gallery. Screenshots go to ``test-artifacts/``.
+Serves ``notebooks/cutana_ui.ipynb`` on a free port (``voila``, or ``jupyter lab`` with the
+notebook's cell run by Shift+Enter) with a tiny demo survey pre-filled through
+``CUTANA_UI_CATALOGUE``, then, like a user: picks the demo catalogue, changes a normalisation
+parameter and checks that the preview image bytes change, starts a run, waits for it to
+complete and finds the gallery. Screenshots go to ``test-artifacts/``.
 
 Needs Debian's chromium (``bash tools/ui_browser_setup.sh``); skipped, with the reason shown,
 only when no Chromium is installed. Playwright drives the system browser: it never downloads one.
@@ -71,7 +72,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"voila exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -79,7 +82,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.
             return  # the server answers (any status): it is up
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"voila did not answer at {url} within {timeout} s:\n{log.read_text()}")
+    raise TimeoutError(f"the server did not answer at {url} within {timeout} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +103,11 @@ def demo_survey(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def voila_url(demo_survey, tmp_path_factory):
+def _ui_server(kind: str, demo_survey: Path, work: Path):
+    """Serve the UI notebook with Voila or JupyterLab, pre-filled with the demo survey; yield
+    what the tests need (its URL, the run's output folder, the server's log)."""
     from cutana import save_config_toml
 
-    work = tmp_path_factory.mktemp("ui_voila")
     output_dir = work / "run_output"
     config = {
         "target_resolution": 48,
@@ -121,28 +124,36 @@ def voila_url(demo_survey, tmp_path_factory):
         CUTANA_UI_CATALOGUE=str(demo_survey),
         CUTANA_UI_OUTPUT_DIR=str(output_dir),
         CUTANA_UI_CONFIG=config_path,
-        # Keep Jupyter's runtime files out of the user's home.
+        # Keep Jupyter's runtime, settings and workspace files out of the user's home.
         JUPYTER_RUNTIME_DIR=str(work / "runtime"),
+        JUPYTER_CONFIG_DIR=str(work / "jupyter_config"),
+        JUPYTERLAB_SETTINGS_DIR=str(work / "lab_settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(work / "lab_workspaces"),
         PYTHONUNBUFFERED="1",
     )
-    log = work / "voila.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "voila",
-        str(NOTEBOOK),
-        "--no-browser",
-        f"--port={port}",
-        "--Voila.ip=127.0.0.1",
-    ]
+    base = f"http://127.0.0.1:{port}"
+    if kind == "voila":
+        cmd = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", f"--port={port}"]
+        cmd.append("--Voila.ip=127.0.0.1")
+        # A static path answers without running the notebook: a cheap readiness probe.
+        probe, url = f"{base}/voila/static/", f"{base}/"
+    else:
+        # The notebook as a user keeps it: in the folder JupyterLab serves.
+        shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
+        cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}"]
+        cmd += ["--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={work}"]
+        # No login for a local test server; --allow-root: CI runs as root.
+        cmd += ["--IdentityProvider.token=", "--ServerApp.password=", "--allow-root"]
+        cmd.append("--LabApp.expose_app_in_browser=True")
+        probe, url = f"{base}/api/status", f"{base}/lab/tree/{NOTEBOOK.name}"
+    log = work / f"{kind}.log"
     with open(log, "w") as handle:
         proc = subprocess.Popen(
             cmd, cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        # A static path answers without running the notebook: a cheap readiness probe.
-        _wait_http(f"http://127.0.0.1:{port}/voila/static/", proc, log)
-        yield {"url": f"http://127.0.0.1:{port}/", "output_dir": output_dir, "log": log}
+        _wait_http(probe, proc, log)
+        yield {"url": url, "output_dir": output_dir, "log": log}
     finally:
         proc.terminate()
         try:
@@ -150,7 +161,18 @@ def voila_url(demo_survey, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         ARTIFACTS.mkdir(exist_ok=True)
-        shutil.copy(log, ARTIFACTS / "ui_browser_voila.log")
+        shutil.copy(log, ARTIFACTS / f"ui_browser_{kind}.log")
+
+
+@pytest.fixture(scope="module")
+def voila_url(demo_survey, tmp_path_factory):
+    yield from _ui_server("voila", demo_survey, tmp_path_factory.mktemp("ui_voila"))
+
+
+@pytest.fixture(scope="module")
+def jupyterlab_url(demo_survey, tmp_path_factory):
+    pytest.importorskip("jupyterlab", reason="pip install jupyterlab (the [ui] extra)")
+    yield from _ui_server("jupyterlab", demo_survey, tmp_path_factory.mktemp("ui_lab"))
 
 
 @pytest.fixture
@@ -208,6 +230,23 @@ def _shot(page, name: str) -> None:
 
 def test_ui_in_browser_preview_run_and_gallery(page, voila_url, demo_survey):
     page.goto(voila_url["url"], timeout=120_000)
+    _use_the_ui(page, voila_url, demo_survey, "ui")
+
+
+def test_ui_in_jupyterlab_preview_run_and_gallery(page, jupyterlab_url, demo_survey):
+    # As the README says: open the notebook in JupyterLab and run its cell.
+    page.goto(jupyterlab_url["url"], timeout=120_000)
+    # Like a user, wait for the kernel before running the cell: a cell run while the notebook's
+    # session is still starting is not executed (the page exposes the app for this wait only).
+    page.wait_for_function("() => window.jupyterapp?.shell?.currentWidget?.sessionContext")
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.ready")
+    page.locator(".jp-Notebook .jp-Cell .jp-InputArea-editor").first.click()
+    page.keyboard.press("Shift+Enter")
+    _use_the_ui(page, jupyterlab_url, demo_survey, "ui_lab")
+
+
+def _use_the_ui(page, server, demo_survey, shots: str) -> None:
+    """A user's session, from the loaded UI to the gallery (screenshots named ``shots``_*)."""
     path_input = page.locator(".cutana-catalogue-path input")
     path_input.wait_for(state="visible", timeout=120_000)
     # Step 1: the catalogue path was pre-filled from CUTANA_UI_CATALOGUE; pick the Parquet
@@ -232,7 +271,7 @@ def test_ui_in_browser_preview_run_and_gallery(page, voila_url, demo_survey):
     first = ".cutana-preview-image-0"
     before = _image_digest(page, first)
     assert before is not None
-    _shot(page, "ui_1_loaded.png")
+    _shot(page, f"{shots}_1_loaded.png")
 
     # Change a normalisation parameter like a user: type a new percentile and press Enter.
     percentile = page.locator(".cutana-norm-percentile input")
@@ -244,7 +283,7 @@ def test_ui_in_browser_preview_run_and_gallery(page, voila_url, demo_survey):
         "the preview image to change after the percentile change",
     )
     assert "Preview:" in status.inner_text(), status.inner_text()
-    _shot(page, "ui_2_preview_changed.png")
+    _shot(page, f"{shots}_2_preview_changed.png")
 
     # Step 5: start the run and follow the progress bar until it completes.
     page.locator("button.cutana-start").click()
@@ -256,7 +295,7 @@ def test_ui_in_browser_preview_run_and_gallery(page, voila_url, demo_survey):
         interval=1.0,
     )
     final = run_status.inner_text()
-    _shot(page, "ui_3_run_finished.png")
+    _shot(page, f"{shots}_3_run_finished.png")
     assert "completed" in final, f"{final}\n{voila_url['log'].read_text()[-3000:]}"
     assert "12/12 sources" in final, final
 
@@ -264,12 +303,12 @@ def test_ui_in_browser_preview_run_and_gallery(page, voila_url, demo_survey):
     gallery = page.locator("img.cutana-gallery-image")
     gallery.wait_for(state="visible", timeout=30_000)
     shown = _image_bytes(page, "img.cutana-gallery-image")
-    on_disk = (voila_url["output_dir"] / "gallery.png").read_bytes()
+    on_disk = (server["output_dir"] / "gallery.png").read_bytes()
     assert shown == on_disk
     outputs = page.locator(".cutana-outputs").inner_text()
     assert "source_to_zarr_mapping.parquet" in outputs
     gallery.scroll_into_view_if_needed()
-    _shot(page, "ui_4_gallery.png")
+    _shot(page, f"{shots}_4_gallery.png")
 
     # Back to the first percentile: the engine is deterministic, so the preview must be
     # byte-identical to the first one again.
@@ -280,4 +319,4 @@ def test_ui_in_browser_preview_run_and_gallery(page, voila_url, demo_survey):
         90,
         "the preview to return to its first bytes after restoring the percentile",
     )
-    _shot(page, "ui_5_final.png")
+    _shot(page, f"{shots}_5_final.png")
