@@ -3,6 +3,7 @@ measurement with a fake batch runner whose memory use is known."""
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cutana import memory_model
+from cutana import memory_budget, memory_model
 from cutana.config import validate_config
 
 
@@ -360,3 +361,16 @@ def test_profiling_job_process_never_imports_pandas(tmp_path, make_wcs):
     assert "pandas" not in modules
     assert n_sample == 5
     assert names == ["00000_0000000000", "00001_0000000001", "00002_0000000002"]
+
+
+def test_the_snakefiles_memory_module_imports_neither_numpy_nor_pyarrow():
+    # Snakemake's process imports it for every run (the cutout jobs' mem_mb); pyarrow alone
+    # would cost ~30 ms of each run's start.
+    modules = subprocess.run(
+        [sys.executable, "-c", "import sys, cutana.memory_budget; print(*sorted(sys.modules))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert "cutana.memory_budget" in modules
+    assert not {"numpy", "pyarrow", "cutana.memory_model"} & set(modules), modules
+    # The names the workflow uses are memory_model's too.
+    assert memory_model.mem_mb_for_batch is memory_budget.mem_mb_for_batch

@@ -12,8 +12,9 @@ channels. The engine streams a batch (chunks of sources, groups of stamps, mappe
 shards all of bounded size), so what grows with the workload saturates: the workload term is
 capped by :func:`engine_working_mb`, a bound computed from the engine's buffer sizes, plus a
 small cost per source (its metadata), so a large batch is not declared many times its need.
-The ``cutout_batch`` rule declares ``mem_mb_for_batch(...)`` as its ``mem_mb`` resource, so
-``--resources mem_mb=X`` (local) and ``--mem`` (SLURM) bound how many batches run at once.
+The ``cutout_batch`` rule declares ``mem_mb_for_batch(...)`` (:mod:`cutana.memory_budget`) as
+its ``mem_mb`` resource, so ``--resources mem_mb=X`` (local) and ``--mem`` (SLURM) bound how
+many batches run at once.
 
 The sample runs in the profiling process itself (its peak RSS reset before each run), or where
 that is impossible in a child process run as
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import resource
 import shutil
@@ -39,11 +39,14 @@ import pyarrow as pa
 
 from . import arrow_tables, fits_io
 
-#: Declared memory (MB) of a cutout job created before the model exists or whose batch it does
-#: not know. The workflow profiles before it creates cutout jobs wherever memory limits them (a
-#: cluster, ``--resources mem_mb``); a plain local run does not wait, and nothing checks the
-#: declared value there.
-FALLBACK_MEM_MB = 4000
+# What the Snakefile uses to declare the cutout jobs' memory lives in memory_budget (no pyarrow).
+from .memory_budget import (  # noqa: F401 (re-exported)
+    FALLBACK_MEM_MB,
+    PER_SOURCE_MB,
+    load_model,
+    mem_mb_for,
+    mem_mb_for_batch,
+)
 
 #: Lower bound of the fitted slope (MB per workload unit): a float32 stamp, its validity mask and
 #: its float32 output cost at least ~6 bytes per unit; a noisy measurement must not go below.
@@ -68,11 +71,6 @@ def _band_extensions(cfg: Mapping) -> list:
 
 def _n_channels(cfg: Mapping) -> int:
     return len(next(iter(cfg["channel_weights"].values())))
-
-
-#: Memory (MB) a batch keeps per source until it is written: its metadata row, WCS header text
-#: and status row (a few KB; rounded up).
-PER_SOURCE_MB = 0.01
 
 
 def engine_working_mb(cfg: Mapping) -> float:
@@ -232,64 +230,6 @@ def fit_model(measurement: Mapping, cfg: Mapping) -> dict:
         "working_mb": float(engine_working_mb(cfg)),
         "per_source_mb": PER_SOURCE_MB,
     }
-
-
-def mem_mb_for(
-    workload: float, model: Mapping, attempt: int = 1, n_sources: int | None = None
-) -> int:
-    """Memory (MB) to declare for a batch of ``workload`` units.
-
-    Parameters
-    ----------
-    workload : float
-        Sum of :func:`source_workloads` over the batch.
-    model : mapping
-        The fitted model (:func:`fit_model` keys).
-    attempt : int
-        Snakemake's attempt number (1 on the first try); the estimate is multiplied by it so a
-        job killed for lack of memory is retried with more.
-    n_sources : int, optional
-        Sources of the batch. When given (and the model has ``working_mb``), the workload term
-        is capped at ``working_mb + per_source_mb x n_sources``: the engine streams, so its
-        memory stops growing with the workload once its buffers are full.
-
-    Returns
-    -------
-    int
-        Megabytes, at least ``min_mb x attempt``.
-    """
-    variable = model["mb_per_unit"] * workload
-    if n_sources is not None and "working_mb" in model:
-        cap = model["working_mb"] + model.get("per_source_mb", PER_SOURCE_MB) * n_sources
-        variable = min(variable, cap)
-    estimate = model["safety_factor"] * (model["base_mb"] + variable)
-    # A cluster counts every process of the job, including the Snakemake process that runs the
-    # rule's script inside it, which the profiling child does not see.
-    estimate += model.get("job_overhead_mb", 0)
-    return int(math.ceil(max(estimate, model["min_mb"]) * max(int(attempt), 1)))
-
-
-def mem_mb_for_batch(batch_name: str, model: Mapping, attempt: int = 1) -> int:
-    """Memory (MB) to declare for the named batch, from its workload recorded in the model.
-
-    Parameters
-    ----------
-    batch_name : str
-        ``{index:05d}_{id}`` as in the manifest.
-    model : mapping
-        The model JSON (:func:`build_memory_model` output).
-    attempt : int
-        Snakemake's attempt number.
-
-    Returns
-    -------
-    int
-        Megabytes; :data:`FALLBACK_MEM_MB` x attempt for a batch the model does not know.
-    """
-    entry = model.get("batches", {}).get(batch_name)
-    if entry is None:
-        return FALLBACK_MEM_MB * max(int(attempt), 1)
-    return mem_mb_for(entry["workload"], model, attempt, n_sources=entry.get("n_sources"))
 
 
 def scan_batches(
@@ -484,12 +424,6 @@ def build_memory_model(
     tmp_path.write_text(json.dumps(model, indent=1), encoding="utf-8")
     os.replace(tmp_path, out_path)
     return model
-
-
-def load_model(path: str | Path) -> dict:
-    """Read a model JSON written by :func:`build_memory_model`."""
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def _run_sizes(n_sample: int) -> list[int]:

@@ -23,7 +23,7 @@ from cutana.config import (
 )
 from cutana.exceptions import ConfigValidationError
 from cutana.preflight import OutputDirError, check_output_dir_for
-from cutana import job_client, memory_model, warm_jobs
+from cutana import job_client, memory_budget, warm_jobs
 from cutana.workflow_jobs import server_command
 from cutana.snakemake_exit import finish_promptly
 
@@ -249,7 +249,7 @@ def manifest_batch_names():
     profile too, so the model exists before any cutout job is created and their ``mem_mb``
     comes from it. Otherwise the cutout jobs start beside the profiling job instead of after it
     (it is still run, for the run summary): a job created before the model exists declares
-    ``memory_model.FALLBACK_MEM_MB``, which no budget checks.
+    ``memory_budget.FALLBACK_MEM_MB``, which no budget checks.
     """
     batches_dir = checkpoints.split_catalogue.get().output.batches
     if memory_limits_jobs():
@@ -275,7 +275,7 @@ def all_batch_dirs(wildcards):
 def _load_memory_model(path, mtime_ns):
     # Keyed by mtime so a re-profiled model is re-read; cached because the resource callable
     # runs once per cutout job (thousands of jobs, one model file).
-    return memory_model.load_model(path)
+    return memory_budget.load_model(path)
 
 
 def cutout_mem_mb(wildcards, attempt):
@@ -286,5 +286,5 @@ def cutout_mem_mb(wildcards, attempt):
         model = _load_memory_model(path, os.stat(path).st_mtime_ns)
     except FileNotFoundError:
         # Only reachable when a batch is requested directly before profiling ran.
-        return memory_model.FALLBACK_MEM_MB * attempt
-    return memory_model.mem_mb_for_batch(wildcards.batch, model, attempt)
+        return memory_budget.FALLBACK_MEM_MB * attempt
+    return memory_budget.mem_mb_for_batch(wildcards.batch, model, attempt)
