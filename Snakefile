@@ -69,9 +69,11 @@ onstart:
     start_warm_server()
 
 
-# Once every job has ended: no waiting for the scheduler's idle timers or the interpreter's
-# final garbage collection (~1 s per run, cutana/snakemake_exit.py).
+# Once every job has ended: the rows per status (a warning when some failed), then no waiting
+# for the scheduler's idle timers or the interpreter's final garbage collection (~1 s per run,
+# cutana/snakemake_exit.py).
 onsuccess:
+    report_finished_run()
     finish_promptly()
 
 

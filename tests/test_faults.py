@@ -111,6 +111,10 @@ def test_failed_sources_are_not_job_failures(faulty_run):
     assert result["status"] == "completed", result["error"]
     log = (root / "out" / ".cutana" / "logs" / "snakemake.log").read_text()
     assert "Error in rule" not in log
+    # ... but the run's last lines say that some rows failed, and where to read why.
+    failed = json.loads((root / "out" / "run_summary.json").read_text())["counts"]["failed"]
+    assert failed > 0
+    assert f"failed {failed}; every row's status and reason: " in log
     for job_log in (root / "out" / ".cutana" / "logs" / "cutout_batch").glob("*.log"):
         assert "cutout_batch finished" in job_log.read_text()
 

@@ -75,6 +75,18 @@ def test_every_method_matches_astropy(method):
             mask = valid[i, ..., c]
             np.testing.assert_allclose(out[i, ..., c][mask], reference[mask], rtol=0, atol=1e-5)
     assert np.all(out[~valid] == 0.0)
+    # The documented range holds exactly, float32 rounding included.
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+@pytest.mark.parametrize("method", ["log", "asinh"])
+@pytest.mark.parametrize("a", [None, 0.02, 0.7, 3.0, 10.0, 1e4])
+def test_stretches_never_leave_the_unit_interval(method, a):
+    # A ramp from the lower to the upper limit: t runs over [0, 1] exactly.
+    ramp = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(1, 64, 64, 1)
+    cfg = _config(method, normalisation={"percentile": 100.0, "a": a})
+    out = normalise_batch(ramp, np.ones(ramp.shape, bool), cfg)
+    assert out.min() == 0.0 and 1.0 - 1e-5 <= out.max() <= 1.0
 
 
 @pytest.mark.parametrize("method,a", [("log", 50.0), ("asinh", 0.1), ("linear", None)])

@@ -109,6 +109,9 @@ def test_zarr_run_indexes_every_catalogue_row(zarr_run):
     assert "target_resolution = 32" in (out / "cutana_config.toml").read_text()
     assert (out / "gallery.png").stat().st_size > 0
     assert (out / "gallery.html").stat().st_size > 0
+    # The run's last lines say how the rows ended, as the summary counts them.
+    said = ", ".join(f"{name} {value}" for name, value in summary["counts"].items())
+    assert f"cutana: {len(catalogue)} catalogue rows: {said}; " in output
     counts = job_counts(output)
     assert counts["cutout_batch"] == len(manifest["batches"])
     assert counts["make_demo_survey"] == counts["profile_memory"] == 1
@@ -172,6 +175,10 @@ def test_changed_settings_rerun_exactly_the_jobs_they_affect(zarr_run):
     # A log level changes no pixels.
     unchanged = snakemake(work_dir, "--dry-run", "--config", "log_level=DEBUG")
     assert "Nothing to be done" in unchanged
+    # A misspelt key is ignored: it is reported and changes nothing.
+    misspelt = snakemake(work_dir, "--dry-run", "--config", "target_resolutoin=16")
+    assert "Unknown config key 'target_resolutoin' is ignored" in misspelt
+    assert "Nothing to be done" in misspelt
     # A pixel-relevant setting reruns the split and (after it, once its checkpoint is
     # resolved) everything downstream; the demo survey stays.
     pixels = snakemake(work_dir, "--dry-run", "--config", "target_resolution=16")

@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .progress_report import counts_text
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -216,7 +218,7 @@ def _follow_with_progress_bar(orchestrator, show: bool) -> None:
 
 def _print_result(result: dict) -> None:
     stream = sys.stdout if result["status"] == "completed" else sys.stderr
-    counts = ", ".join(f"{name} {value}" for name, value in result.get("counts", {}).items())
+    counts = counts_text(result.get("counts", {}))
     print(
         f"cutana: {result['status']}: {result['completed_sources']}/{result['total_sources']} "
         f"sources in {result['completed_batches']}/{result['total_batches']} batches "

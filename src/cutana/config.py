@@ -110,6 +110,18 @@ def _unknown_keys(config: Mapping, schema: Mapping, prefix: str = "") -> list[st
     return unknown
 
 
+def _without_unknown_keys(config: Mapping, schema: Mapping) -> dict:
+    """``config`` without the keys :func:`_unknown_keys` names (at every level)."""
+    props = schema.get("properties")
+    if props is None or "additionalProperties" in schema:
+        return dict(config)
+    return {
+        key: _without_unknown_keys(value, props[key]) if isinstance(value, Mapping) else value
+        for key, value in config.items()
+        if key in props
+    }
+
+
 def _describe_error(error) -> str:
     key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
     schema = error.schema
@@ -195,13 +207,18 @@ def validate_config(config: Mapping | DotMap, warn_unknown: bool = True) -> dict
         raise ConfigValidationError("Invalid cutana configuration:\n  - " + "\n  - ".join(messages))
     if warn_unknown:
         for key in _unknown_keys(merged, schema):
-            warnings.warn(
-                f"Unknown config key '{key}' is ignored (check its spelling against "
-                "config/README.md)",
-                UserWarning,
-                stacklevel=2,
-            )
+            warnings.warn(unknown_key_message(key), UserWarning, stacklevel=2)
     return merged
+
+
+def unknown_config_keys(config: Mapping) -> list[str]:
+    """The keys of ``config`` the schema does not know, dotted (``normalisation.percentil``)."""
+    return _unknown_keys(to_plain(config), load_schema())
+
+
+def unknown_key_message(key: str) -> str:
+    """The warning given for a key the schema does not know."""
+    return f"Unknown config key '{key}' is ignored (check its spelling against config/README.md)"
 
 
 def _cross_key_errors(config: dict) -> list[str]:
@@ -273,8 +290,12 @@ def settings_hash(settings) -> str:
 
 
 def config_hash(config: Mapping) -> str:
-    """A stable short hash of the settings that change the pixels (not paths or log levels)."""
-    plain = to_plain(config)
+    """A stable short hash of the settings that change the pixels (not paths or log levels).
+
+    Keys the schema does not know are left out: they are ignored (with a warning), so adding
+    or removing a misspelt key must not redo the outputs.
+    """
+    plain = _without_unknown_keys(to_plain(config), load_schema())
     ignored = {
         "name",
         "log_level",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 
@@ -64,3 +65,26 @@ class ProgressReport:
     def empty(cls) -> ProgressReport:
         """A report for a run that has not started."""
         return cls()
+
+
+def counts_text(counts: Mapping[str, int]) -> str:
+    """Rows per status as ``ok 414, partial 86, no_overlap 0, failed 0``."""
+    return ", ".join(f"{name} {value}" for name, value in counts.items())
+
+
+def finished_run_line(summary: Mapping, index_path: str) -> tuple[str, bool]:
+    """What a finished run says about its sources, and whether any failed.
+
+    Parameters
+    ----------
+    summary : mapping
+        The run's ``run_summary.json``.
+    index_path : str
+        Path of ``source_to_zarr_mapping.parquet``, which holds every row's status and reason.
+    """
+    counts = {name: int(value) for name, value in summary.get("counts", {}).items()}
+    line = (
+        f"cutana: {summary.get('total_sources', sum(counts.values()))} catalogue rows: "
+        f"{counts_text(counts)}; every row's status and reason: {index_path}"
+    )
+    return line, counts.get("failed", 0) > 0

@@ -6,10 +6,12 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
 from cutana.config import (
@@ -19,16 +21,22 @@ from cutana.config import (
     read_yaml,
     run_config_json,
     settings_hash,
+    unknown_config_keys,
+    unknown_key_message,
     validate_config,
 )
 from cutana.exceptions import ConfigValidationError
 from cutana.preflight import OutputDirError, check_output_dir_for
 from cutana import job_client, memory_budget, warm_jobs
 from cutana.workflow_jobs import server_command
+from cutana.progress_report import finished_run_line
 from cutana.snakemake_exit import finish_promptly
 
 # Before the Snakefile's validate(): jsonschema without its slow optional iri checker (~2 s).
 import_jsonschema()
+
+#: When this Snakemake process read the workflow: a run summary written since then is this run's.
+WORKFLOW_READ_AT = time.time()
 
 #: The name of a batch: 5-digit index, underscore, 10 hex chars of the content hash (DESIGN.md).
 BATCH_PATTERN = r"\d{5}_[0-9a-f]{10}"
@@ -111,9 +119,13 @@ def validated_config(raw_config):
         Every key of the schema, validated, as plain data.
     """
     try:
-        full = validate_config(raw_config)
+        full = validate_config(raw_config, warn_unknown=False)
     except ConfigValidationError as error:
         raise WorkflowError(str(error)) from None
+    # Reported through Snakemake's logger: Python warnings raised while the Snakefile is
+    # parsed are not shown.
+    for key in unknown_config_keys(full):
+        logger.warning(f"cutana: {unknown_key_message(key)}")
     if not full.get("source_catalogue"):
         raise WorkflowError(
             "config key 'source_catalogue' is not set: give the path of a CSV or Parquet "
@@ -288,3 +300,17 @@ def cutout_mem_mb(wildcards, attempt):
         # Only reachable when a batch is requested directly before profiling ran.
         return memory_budget.FALLBACK_MEM_MB * attempt
     return memory_budget.mem_mb_for_batch(wildcards.batch, model, attempt)
+
+
+def report_finished_run():
+    """Say how many catalogue rows ended in each status, as the last lines of a run that wrote
+    its summary (a warning when some failed: the run itself still succeeds, SPEC §5)."""
+    try:
+        if os.stat(PATHS.summary).st_mtime < WORKFLOW_READ_AT:
+            return
+        with open(PATHS.summary, encoding="utf-8") as handle:
+            summary = json.load(handle)
+    except (OSError, ValueError):
+        return
+    line, some_failed = finished_run_line(summary, PATHS.index)
+    (logger.warning if some_failed else logger.info)(line)
