@@ -478,6 +478,48 @@ def test_dataframe_catalogue_is_written_as_parquet_with_absolute_path_lists(
     assert written.stat().st_mtime_ns == mtime
 
 
+def test_run_continues_a_stopped_dataframe_run(fake_workflow, tmp_path):
+    frame = pd.DataFrame(
+        {"SourceID": ["a"], "RA": [1.0], "Dec": [3.0], "diameter_pixel": [10],
+         "fits_file_paths": ["['x.fits']"]}
+    )  # fmt: skip
+    config = fake_workflow(max_workers=1, source_catalogue=None)
+    slow = ["--config", "fake_batches=6", "fake_sleep=0.5"]
+    orchestrator = Orchestrator(config, snakemake_args=slow, poll_interval=0.2)
+    orchestrator.start_processing(frame, wait=False)
+    deadline = time.time() + 60
+    while orchestrator.get_progress()["completed_batches"] < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    orchestrator.stop_processing()
+    assert orchestrator.wait()["status"] == "stopped"
+    assert orchestrator.can_resume()
+    # As can_resume() promises, run() continues it: the DataFrame was kept in output_dir.
+    result = Orchestrator(config, snakemake_args=["--config", "fake_batches=6"]).run()
+    assert result["status"] == "completed", result["error"]
+    assert result["completed_batches"] == 6
+
+
+def test_a_failed_run_logs_its_error(fake_workflow, tmp_path, caplog):
+    config = fake_workflow(source_catalogue="missing.csv")
+    with caplog.at_level("ERROR", logger="cutana.orchestrator"):
+        result = Orchestrator(config).run()
+    assert result["status"] == "failed"
+    assert f"the run failed: {result['error']}" in caplog.text
+    assert "missing.csv" in caplog.text
+
+
+def test_a_profile_whose_executor_plugin_is_missing_fails_before_the_run(
+    fake_workflow, tmp_path
+):
+    profile = tmp_path / "cluster"
+    profile.mkdir()
+    (profile / "config.yaml").write_text("executor: nosuchcluster\njobs: 10\n")
+    result = Orchestrator(fake_workflow(), profile=str(profile)).run()
+    assert result["status"] == "failed"
+    assert "pip install snakemake-executor-plugin-nosuchcluster" in result["error"]
+    assert not (tmp_path / "out" / ".cutana" / "logs" / "snakemake.log").exists()
+
+
 def test_error_from_log_prefers_the_script_exception(tmp_path):
     log = tmp_path / "snakemake.log"
     log.write_text(

@@ -107,6 +107,21 @@ def test_validate_reports_bad_rows_and_exits_1(demo_dir, tmp_path, capsys):
     assert "Dec" in error and "-95" in error
 
 
+def test_validate_reports_config_and_catalogue_problems_together(demo_dir, tmp_path, capsys):
+    frame = pd.read_csv(demo_dir / "catalogue.csv")
+    frame.loc[2, "Dec"] = -95.0
+    bad = tmp_path / "bad.csv"
+    frame.to_csv(bad, index=False)
+    config = yaml.safe_load((demo_dir / "cutana_config.yaml").read_text())
+    config["target_resolution"] = 3
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    code = main(["validate", str(bad), "--config", str(tmp_path / "bad.yaml")])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "row 2 = '-95.0'" in error
+    assert "'target_resolution' = 3" in error
+
+
 # --------------------------------------------------------------------------- installed wheel
 @pytest.fixture(scope="module")
 def installed_venv(tmp_path_factory):

@@ -16,6 +16,7 @@ Snakemake unchanged. Exit status: 0 completed, 1 failed, 2 bad usage or configur
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -52,7 +53,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "the same command again resumes without redoing finished batches.",
     )
     run.add_argument("config", help="YAML or TOML config file (keys of `cutana config`)")
-    run.add_argument("--cores", type=int, help="cores for Snakemake (default: max_workers)")
+    run.add_argument(
+        "--cores",
+        type=int,
+        help="cores for Snakemake (default: the config's max_workers or the CPUs, if fewer)",
+    )
     run.add_argument("--profile", help="Snakemake profile, e.g. a SLURM profile directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -129,7 +134,7 @@ def _load_config(path: str) -> dict:
 def run_command(args: argparse.Namespace, snakemake_args: Sequence[str]) -> int:
     """``cutana run``: validate the config, run the workflow with a progress bar."""
     from .exceptions import CutanaError
-    from .orchestrator import Orchestrator
+    from .orchestrator import RESULT_RECORD, Orchestrator
 
     try:
         raw = _load_config(args.config)
@@ -151,12 +156,17 @@ def run_command(args: argparse.Namespace, snakemake_args: Sequence[str]) -> int:
         _error(f"{args.config}: {error}")
         return EXIT_USAGE
 
+    # The results dict's error is printed below: the Orchestrator's log record of it would
+    # say it twice.
+    logging.getLogger("cutana.orchestrator").addFilter(
+        lambda record: not getattr(record, RESULT_RECORD, False)
+    )
     print(f"cutana: output in {orchestrator.output_dir}", file=sys.stderr)
-    print(f"cutana: Snakemake log in {orchestrator.log_path}", file=sys.stderr)
     interrupted = False
     try:
         result = orchestrator.start_processing(wait=False)
         if result["status"] == "running":
+            print(f"cutana: Snakemake log in {orchestrator.log_path}", file=sys.stderr)
             _follow_with_progress_bar(orchestrator, show=not args.no_progress)
         result = orchestrator.wait()
     except KeyboardInterrupt:
@@ -219,12 +229,18 @@ def _follow_with_progress_bar(orchestrator, show: bool) -> None:
 def _print_result(result: dict) -> None:
     stream = sys.stdout if result["status"] == "completed" else sys.stderr
     counts = counts_text(result.get("counts", {}))
-    print(
-        f"cutana: {result['status']}: {result['completed_sources']}/{result['total_sources']} "
-        f"sources in {result['completed_batches']}/{result['total_batches']} batches "
-        f"({counts}) in {_format_seconds(result.get('runtime'))}",
-        file=stream,
+    done = (
+        f"{result['completed_sources']}/{result['total_sources']} sources in "
+        f"{result['completed_batches']}/{result['total_batches']} batches ({counts})"
     )
+    if result["status"] == "completed":
+        print(f"cutana: completed: {done} in {_format_seconds(result.get('runtime'))}", file=stream)
+    elif result["total_batches"]:
+        # What the output folder holds (batches of this or earlier runs): a run that failed
+        # before its first job must not seem to have made them.
+        print(f"cutana: {result['status']}; {result['output_dir']} holds {done}", file=stream)
+    else:
+        print(f"cutana: {result['status']}", file=stream)
     if result["status"] == "completed":
         print(f"cutana: index: {result['mapping_path']}", file=stream)
     if result.get("error"):
@@ -273,7 +289,7 @@ def _bands_from_catalogue(catalogue: str) -> dict[str, list[float]]:
 def validate_command(args: argparse.Namespace) -> int:
     """``cutana validate``: the pre-run checks of SPEC §5, without processing."""
     from .config import validate_config
-    from .exceptions import CutanaError
+    from .exceptions import ConfigValidationError, CutanaError
     from .inputs_check import check_inputs
 
     try:
@@ -281,7 +297,18 @@ def validate_command(args: argparse.Namespace) -> int:
         if not args.config:
             raw["channel_weights"] = _bands_from_catalogue(args.catalogue)
         raw["source_catalogue"] = args.catalogue
-        config = validate_config(raw)
+        try:
+            config = validate_config(raw)
+        except ConfigValidationError as config_error:
+            # Every problem at once: the catalogue's own checks (columns, values) need no
+            # config, so they are reported with the config's problems.
+            from .catalogue_preprocessor import load_and_validate_catalogue
+
+            try:
+                load_and_validate_catalogue(args.catalogue)
+            except (CutanaError, FileNotFoundError, ValueError) as catalogue_error:
+                _error(str(catalogue_error))
+            raise config_error from None
         summary = check_inputs(config)
     except (CutanaError, FileNotFoundError, ValueError) as error:
         _error(str(error))

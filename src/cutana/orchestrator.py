@@ -18,6 +18,7 @@ Example
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 
-from .config import to_plain, validate_config
+from .config import read_yaml, to_plain, validate_config
 from .paths import snakefile, workflow_root
 from .preflight import OutputDirError, check_output_dir_for
 from .progress_report import ProgressReport
@@ -166,6 +167,10 @@ class Orchestrator:
             The results dict of :meth:`start_processing`.
         """
         catalogue = self.config.get("source_catalogue")
+        if not catalogue and self.input_catalogue_path.exists():
+            # The DataFrame of an earlier start_processing() in this output_dir: run()
+            # continues that run (after stop_processing(), as can_resume() says).
+            catalogue = self.input_catalogue_path
         if not catalogue:
             return self._failed_before_start(
                 "config key 'source_catalogue' is not set: give the path of a CSV or Parquet "
@@ -218,8 +223,13 @@ class Orchestrator:
             catalogue_path = self._prepare_catalogue(catalogue_data)
             if catalogue_path is None:
                 return self._failed_before_start(
-                    "no catalogue given: pass a DataFrame or a path, or set config.source_catalogue"
+                    "no catalogue given: set source_catalogue in the config to the path of a "
+                    "CSV or Parquet catalogue (or pass a DataFrame or a path to "
+                    "start_processing())"
                 )
+            problem = executor_plugin_problem(self.profile)
+            if problem:
+                return self._failed_before_start(problem)
             if not catalogue_path.exists() and not self._is_demo_catalogue(catalogue_path):
                 return self._failed_before_start(
                     f"source catalogue {catalogue_path} does not exist: check "
@@ -453,6 +463,7 @@ class Orchestrator:
         with self._lock:
             self._result = result
             self._status = "failed"
+        _log_failure(error)
         return result
 
     def _running_result(self) -> dict:
@@ -487,6 +498,8 @@ class Orchestrator:
                     f"(first line of {self.log_path})"
                 )
         result = self._base_result(status, error)
+        if status == "failed":
+            _log_failure(error)
         if status == "completed":
             summary = _read_json(self.summary_path)
             if summary is not None:
@@ -702,6 +715,47 @@ class Orchestrator:
 
 
 # ---------------------------------------------------------------------- helpers
+#: Set on the log record of a failed run (``extra``): the CLI, which prints the results dict's
+#: error itself, drops these records.
+RESULT_RECORD = "cutana_result"
+
+
+def _log_failure(error: str) -> None:
+    """Log a failed run's error: the results dict carries it too (upstream's API), but a
+    script that does not print that dict must not fail silently."""
+    logger.error("cutana: the run failed: %s", error, extra={RESULT_RECORD: True})
+
+
+def executor_plugin_problem(profile: str | os.PathLike | None) -> str | None:
+    """Why ``profile`` cannot run here, if its ``executor`` plugin is not installed.
+
+    Snakemake reports a missing executor plugin as an argparse usage error (``invalid
+    choice: 'slurm'``); this names the package to install instead. None when there is no
+    profile, it names no executor, or the plugin imports.
+    """
+    if not profile:
+        return None
+    folder = Path(resolve_profile(profile))
+    config_files = [folder / name for name in ("config.v8+.yaml", "config.yaml")]
+    config_file = next((path for path in config_files if path.is_file()), None)
+    if config_file is None:
+        return None
+    try:
+        executor = (read_yaml(config_file) or {}).get("executor")
+    except Exception:  # noqa: BLE001 - Snakemake reports an unreadable profile itself
+        return None
+    if not isinstance(executor, str) or executor in ("local", "dryrun", "touch"):
+        return None
+    module = "snakemake_executor_plugin_" + executor.replace("-", "_")
+    if importlib.util.find_spec(module) is not None:
+        return None
+    hint = " (for the shipped SLURM profile: pip install 'cutana[slurm]')" * (executor == "slurm")
+    return (
+        f"the profile {folder} runs jobs with Snakemake's '{executor}' executor, whose plugin is "
+        f"not installed: pip install snakemake-executor-plugin-{executor}{hint}"
+    )
+
+
 def resolve_profile(profile: str | os.PathLike) -> str:
     """Find a Snakemake profile given as a path or as the name of a shipped profile.
 
