@@ -508,9 +508,7 @@ def test_a_failed_run_logs_its_error(fake_workflow, tmp_path, caplog):
     assert "missing.csv" in caplog.text
 
 
-def test_a_profile_whose_executor_plugin_is_missing_fails_before_the_run(
-    fake_workflow, tmp_path
-):
+def test_a_profile_whose_executor_plugin_is_missing_fails_before_the_run(fake_workflow, tmp_path):
     profile = tmp_path / "cluster"
     profile.mkdir()
     (profile / "config.yaml").write_text("executor: nosuchcluster\njobs: 10\n")
