@@ -81,7 +81,7 @@ def no_wcs(path):
 # (case id, file maker, config overrides, expected message fragments)
 FITS_CASES = [
     ("missing file", lambda p: p, {}, ["does not exist", "fits_file_paths", "first row 0"]),
-    ("not FITS", not_fits, {}, ["cannot be opened as FITS", "valid"]),
+    ("not FITS", not_fits, {}, ["cannot be opened as FITS", "SIMPLE card", "complete"]),
     ("truncated", truncated, {}, ["truncated", "re-copy"]),
     (
         "no image data",

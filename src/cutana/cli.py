@@ -203,25 +203,23 @@ def _follow_with_progress_bar(orchestrator, show: bool) -> None:
         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} sources [{elapsed}{postfix}]",
         desc="cutana",
     )
-    try:
-        while orchestrator.is_running():
-            report = orchestrator.get_progress_for_ui()
-            if report.total_sources and bar.total != report.total_sources:
-                bar.total = report.total_sources
-            if report.completed_sources != bar.n:
-                bar.n = report.completed_sources
-            bar.set_postfix_str(
-                f"{report.throughput:.1f} src/s, ETA {_format_seconds(report.eta_seconds)}, "
-                f"batches {report.completed_batches}/{report.total_batches or '?'}",
-                refresh=False,
-            )
-            bar.refresh()
-            time.sleep(0.5)
-        report = orchestrator.get_progress_for_ui()
-        if report.total_sources:
+
+    def draw(report) -> None:
+        if report.total_sources and bar.total != report.total_sources:
             bar.total = report.total_sources
         bar.n = report.completed_sources
+        bar.set_postfix_str(
+            f"{report.throughput:.1f} src/s, ETA {_format_seconds(report.eta_seconds)}, "
+            f"batches {report.completed_batches}/{report.total_batches or '?'}",
+            refresh=False,
+        )
         bar.refresh()
+
+    try:
+        while orchestrator.is_running():
+            draw(orchestrator.get_progress_for_ui())
+            time.sleep(0.5)
+        draw(orchestrator.get_progress_for_ui())  # the last frame shows the end state
     finally:
         bar.close()
 

@@ -425,9 +425,13 @@ def open_image(path: str | os.PathLike, extension: str | int = "PRIMARY") -> Ima
         try:
             hdul = fits.open(path, memmap=True, do_not_scale_image_data=True, lazy_load_hdus=False)
         except Exception as error:
+            reason = str(error)
+            if "SIMPLE card" in reason:
+                # astropy's advice (ignore_missing_simple=True) is for its own callers.
+                reason = "it does not start with the SIMPLE card every FITS file starts with"
             raise FitsValidationError(
-                f"FITS file {path} cannot be opened as FITS: {error}. Fix: check that the file "
-                "is a valid (complete, uncorrupted) FITS file."
+                f"FITS file {path} cannot be opened as FITS: {reason}. Fix: check that the "
+                "path names the FITS image and that the file is complete and uncorrupted."
             ) from error
     truncation = [w for w in caught if "truncated" in str(w.message)]
     try:
