@@ -75,6 +75,25 @@ def test_a_job_without_its_config_says_how_to_give_it(tmp_path):
     assert CONFIG_VARIABLE in completed.stderr and "--config FILE" in completed.stderr
 
 
+def test_a_bad_catalogue_is_reported_by_its_message_and_the_traceback_goes_to_the_log(
+    tmp_path,
+):
+    (tmp_path / "bad.csv").write_text(
+        "SourceID,RA,Dec,diameter_pixel,fits_file_paths\nA,400,1,10,\"['x.fits']\"\n"
+    )
+    config = {"source_catalogue": "bad.csv", "output_dir": "out",
+              "channel_weights": {"VIS": [1.0]}}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    completed = subprocess.run(snakemake_command(tmp_path), capture_output=True, text=True)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode != 0
+    assert "CatalogueValidationError: catalogue 'bad.csv' is invalid" in output
+    assert "row 0 = '400'" in output and "x.fits" in output
+    assert "Traceback" not in output
+    log = (tmp_path / "out" / ".cutana" / "logs" / "split_catalogue.log").read_text()
+    assert "Traceback" in log and "row 0 = '400'" in log
+
+
 def test_the_rules_run_the_job_module_with_the_interpreter_running_snakemake(tmp_path):
     make_demo_survey(
         tmp_path / "demo", n_tiles=1, tile_size=256, n_sources=4, max_diameter_pixel=64

@@ -43,6 +43,7 @@ from pathlib import Path  # noqa: E402
 
 from . import warm_jobs  # noqa: E402
 from .config import CONFIG_VARIABLE, load_run_config  # noqa: E402
+from .exceptions import CutanaError  # noqa: E402
 
 #: The stages whose benchmark files the run summary reads, besides every cutout job's.
 STAGE_BENCHMARKS = ("make_demo_survey", "split_catalogue", "profile_memory")
@@ -293,10 +294,17 @@ def run_step(argv: list[str]) -> None:
     """Run the job named by ``argv`` in this process (a warm worker may run more after it)."""
     args = _parser().parse_args(argv)
     config = load_run_config(args.config)
-    with logged_step(args.log, config.get("log_level", "INFO"), args.step) as log:
-        runner = "a warm server's worker" if warm_jobs.IN_WORKER else "its command"
-        log.info("run by %s, pid %d", runner, os.getpid())
-        args.run(args, config, log)
+    try:
+        with logged_step(args.log, config.get("log_level", "INFO"), args.step) as log:
+            runner = "a warm server's worker" if warm_jobs.IN_WORKER else "its command"
+            log.info("run by %s, pid %d", runner, os.getpid())
+            args.run(args, config, log)
+    except CutanaError as error:
+        # Bad input (a catalogue, a FITS file): the message names the file, row, column and
+        # fix; the traceback, of no use to the user, is in the job's log. The first line keeps
+        # the form "SomeError: message" that Orchestrator's error_from_log looks for.
+        print(f"{type(error).__name__}: {error}\n(details: {args.log})", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def import_warm_modules() -> None:
