@@ -184,6 +184,13 @@ def test_changed_settings_rerun_exactly_the_jobs_they_affect(zarr_run):
     pixels = snakemake(work_dir, "--dry-run", "--config", "target_resolution=16")
     assert planned_jobs(pixels).get("split_catalogue") == 1, pixels
     assert "make_demo_survey" not in planned_jobs(pixels)
+    # The bands' order is a setting: band i reads path i of fits_file_paths.
+    reordered = {**CONFIG, "channel_weights": dict(reversed(CONFIG["channel_weights"].items()))}
+    (work_dir / "reordered.yaml").write_text(yaml.safe_dump(reordered, sort_keys=False))
+    command = snakemake_command(work_dir, "--dry-run")
+    command[command.index(str(work_dir / "config.yaml"))] = str(work_dir / "reordered.yaml")
+    bands = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert planned_jobs(bands.stdout).get("split_catalogue") == 1, bands.stdout + bands.stderr
     # The gallery's own setting reruns only the gallery.
     gallery = snakemake(work_dir, "--dry-run", "--config", "gallery={'n_samples': 4}")
     assert planned_jobs(gallery) == {"all": 1, "gallery": 1}, gallery
@@ -198,8 +205,19 @@ def test_deleting_one_batch_reruns_only_that_batch(zarr_run):
     untouched_mtimes = {f.name: (f / "images_metadata.parquet").stat().st_mtime_ns for f in folders}
     del untouched_mtimes[victim.name]
     subprocess.run(["rm", "-rf", str(victim)], check=True)
-
-    counts = job_counts(snakemake(work_dir))
+    # The temporary folder of a writer of this batch that is still running (a job of a run
+    # whose Snakemake was killed alone runs on): the rerun's job must leave it alone.
+    other_writer = subprocess.Popen(["sleep", "120"])
+    other_tmp = victim.with_name(f"{victim.name}.tmp-{other_writer.pid}")
+    other_tmp.mkdir()
+    (other_tmp / "shard").write_text("being written")
+    try:
+        counts = job_counts(snakemake(work_dir))
+        assert (other_tmp / "shard").read_text() == "being written"
+    finally:
+        other_writer.kill()
+        other_writer.wait()
+        subprocess.run(["rm", "-rf", str(other_tmp)], check=True)
     assert counts["cutout_batch"] == 1
     assert victim.is_dir()
     for name, mtime in untouched_mtimes.items():

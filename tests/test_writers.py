@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from cutana.writers import (
     MAX_STEM_LENGTH,
     atomic_directory,
     default_channel_names,
+    remove_stale_temporaries,
     safe_filename,
     shard_length,
     write_fits_batch,
@@ -156,6 +159,44 @@ def test_stale_temporary_of_dead_writer_is_removed(tmp_path):
         (tmp / "done").write_text("x")
     assert not stale.exists()
     assert (batch / "done").read_text() == "x"
+
+
+def test_a_live_writers_temporaries_are_kept(tmp_path):
+    """After `kill -9` of Snakemake alone its jobs run on: a rerun of their batch must not
+    delete what they are writing (it did, and they then published the damaged folder)."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        batch, status = tmp_path / "b", tmp_path / "s.parquet"
+        live_dir, dead_dir = tmp_path / f"b.tmp-{live.pid}", tmp_path / "b.tmp-99999999"
+        live_file, dead_file = (
+            tmp_path / f"s.parquet.tmp-{live.pid}",
+            tmp_path / "s.parquet.tmp-99999999",
+        )
+        for folder in (live_dir, dead_dir):
+            folder.mkdir()
+            (folder / "shard").write_text("being written")
+        for file in (live_file, dead_file):
+            file.write_text("being written")
+        assert sorted(remove_stale_temporaries(batch) + remove_stale_temporaries(status)) == [
+            dead_dir,
+            dead_file,
+        ]
+        assert (live_dir / "shard").exists() and live_file.exists()
+        assert not dead_dir.exists() and not dead_file.exists()
+
+        # This job's copy and the live writer's are both complete: publishing replaces a
+        # folder already in place (the other writer published first) and keeps the other's
+        # temporary intact.
+        batch.mkdir()
+        (batch / "other").write_text("published by the other writer")
+        with atomic_directory(batch) as tmp:
+            (tmp / "mine").write_text("x")
+        assert sorted(p.name for p in batch.iterdir()) == ["mine"]
+        assert (live_dir / "shard").exists()
+        assert not list(tmp_path.glob("b.old-*"))
+    finally:
+        live.kill()
+        live.wait()
 
 
 # ------------------------------------------------------------------------------------ FITS

@@ -296,6 +296,11 @@ def config_hash(config: Mapping) -> str:
     or removing a misspelt key must not redo the outputs.
     """
     plain = _without_unknown_keys(to_plain(config), load_schema())
+    weights = plain.get("channel_weights")
+    if isinstance(weights, Mapping):
+        # The bands' order is meaningful (band i reads path i of fits_file_paths), and
+        # settings_hash sorts mapping keys: hashed as an ordered list of (band, weights).
+        plain["channel_weights"] = [[band, value] for band, value in weights.items()]
     ignored = {
         "name",
         "log_level",

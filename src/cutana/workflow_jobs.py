@@ -35,7 +35,6 @@ import argparse  # noqa: E402 (after the thread settings, on purpose)
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator, Mapping  # noqa: E402
@@ -198,13 +197,14 @@ def profile_memory_job(args, config: dict, log: logging.Logger) -> None:
 def cutout_batch_job(args, config: dict, log: logging.Logger) -> None:
     from .engine import run_batch
     from .memory_model import peak_rss_mb, reset_peak_rss
+    from .writers import remove_stale_temporaries
 
     # A killed earlier attempt of this batch may have left its temporary folder/file behind
-    # (writes are tmp + rename); only this batch's leftovers are removed, other jobs run on.
+    # (writes are tmp + rename); only this batch's leftovers whose writer has died are
+    # removed (after `kill -9` of Snakemake alone, its jobs run on and finish the batch).
     for output in (args.batch_dir, args.status):
-        for leftover in Path(output).parent.glob(f"{Path(output).name}.tmp-*"):
-            log.info("removing the leftover of an interrupted attempt: %s", leftover)
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        for leftover in remove_stale_temporaries(output):
+            log.info("removed the leftover of an interrupted attempt: %s", leftover)
     # Recorded so the declared memory can be checked against the measured peak (benchmark).
     log.info("declared resources: mem_mb=%s", args.mem_mb)
     # The peak logged below is this job's, also in a warm worker that ran an earlier one.

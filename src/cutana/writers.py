@@ -8,6 +8,7 @@ A batch folder therefore either is complete or does not exist, whatever kills th
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -69,15 +70,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temporaries(batch_dir: Path) -> None:
-    """Delete ``{name}.tmp-<pid>``/``{name}.old-<pid>`` left by writers that were killed."""
-    for stale in batch_dir.parent.glob(f"{_glob_escape(batch_dir.name)}.*-*"):
-        tag, _, pid_text = stale.name[len(batch_dir.name) + 1 :].rpartition("-")
+def remove_stale_temporaries(output: str | os.PathLike) -> list[Path]:
+    """Delete ``{name}.tmp-<pid>``/``{name}.old-<pid>`` (folders or files) of ``output`` left
+    by writers that were killed; return what was deleted.
+
+    A temporary whose writer is still alive is kept: after ``kill -9`` of Snakemake alone its
+    jobs run on, and a rerun of the same batch must not delete the files they are writing
+    (their batch, complete, is published by their rename; this job's then replaces it).
+    """
+    output = Path(output)
+    removed = []
+    for stale in output.parent.glob(f"{_glob_escape(output.name)}.*-*"):
+        tag, _, pid_text = stale.name[len(output.name) + 1 :].rpartition("-")
         if tag not in ("tmp", "old") or not pid_text.isdigit():
             continue
         pid = int(pid_text)
         if pid == os.getpid() or not _pid_alive(pid):
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+            removed.append(stale)
+    return removed
 
 
 def _glob_escape(name: str) -> str:
@@ -146,23 +161,39 @@ def atomic_directory(batch_dir: str | os.PathLike) -> Iterator[Path]:
     """
     batch_dir = Path(batch_dir)
     batch_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(batch_dir)
+    remove_stale_temporaries(batch_dir)
     tmp = _temporary_sibling(batch_dir, "tmp")
     tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
-        if batch_dir.exists():
-            old = _temporary_sibling(batch_dir, "old")
-            os.replace(batch_dir, old)
-            os.replace(tmp, batch_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, batch_dir)
+        _publish(tmp, batch_dir)
         _fsync_directory(batch_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, batch_dir: Path) -> None:
+    """Rename the complete ``tmp`` to ``batch_dir``, replacing a folder already there.
+
+    Another writer of the same batch (a job of a killed run that ran on) may publish its own
+    complete copy at any moment: whichever rename comes last wins, and ``batch_dir`` is
+    always a complete batch or absent.
+    """
+    old = _temporary_sibling(batch_dir, "old")
+    for attempt in range(10):
+        try:
+            os.replace(tmp, batch_dir)
+            break
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 9:
+                raise
+        # Moved aside, not deleted first: batch_dir is absent only between the two renames.
+        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # the other copy moved away meanwhile
+            os.replace(batch_dir, old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
