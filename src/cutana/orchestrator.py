@@ -749,7 +749,11 @@ def executor_plugin_problem(profile: str | os.PathLike | None) -> str | None:
     module = "snakemake_executor_plugin_" + executor.replace("-", "_")
     if importlib.util.find_spec(module) is not None:
         return None
-    hint = " (for the shipped SLURM profile: pip install 'cutana[slurm]')" * (executor == "slurm")
+    hint = (
+        " (for the shipped SLURM profile: pip install 'cutana[slurm]')"
+        if executor == "slurm"
+        else ""
+    )
     return (
         f"the profile {folder} runs jobs with Snakemake's '{executor}' executor, whose plugin is "
         f"not installed: pip install snakemake-executor-plugin-{executor}{hint}"
