@@ -69,8 +69,8 @@ def _check_one_file(
             None,
             [
                 f"FITS file '{file_path}' {usage} does not exist. Fix: correct the path in "
-                "fits_file_paths (relative paths are resolved against the catalogue's directory "
-                f"{catalogue_dir!r})"
+                "fits_file_paths (where it is written as a relative path, it is read relative "
+                f"to the catalogue's directory {catalogue_dir!r})"
             ],
             None,
         )
