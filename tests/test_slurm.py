@@ -487,3 +487,37 @@ def test_cutout_memory_comes_from_the_memory_model(demo_runs):
         batch = _target(line).split("batch=", 1)[1]
         mem = int(MEM_RE.search(line).group(1))
         assert mem == memory_model.mem_mb_for_batch(batch, model, 1), line
+
+
+def test_stopping_a_slurm_run_cancels_its_queued_jobs(slurm_cluster, tmp_path, monkeypatch):
+    """Ctrl-C of `cutana run --profile slurm` (Orchestrator.stop_processing): Snakemake waits
+    for its cluster jobs on SIGTERM, so queued ones used to stay in SLURM and race the rerun."""
+    from cutana import Orchestrator
+    from cutana.demo import demo_config, make_demo_survey
+
+    monkeypatch.chdir(tmp_path)  # the run's working directory (.snakemake, SLURM logs)
+    make_demo_survey(tmp_path / "demo", n_tiles=1, tile_size=300, n_sources=10)
+    config = {
+        **demo_config(tmp_path / "demo"),
+        "output_dir": str(tmp_path / "out"),
+        "target_resolution": 16,
+    }
+    # A job holding every CPU of the one node keeps the run's first job pending.
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-c", "2", "-o", "/dev/null", "--wrap", "sleep 300"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    try:
+        orchestrator = Orchestrator(
+            config, profile=str(PROFILE), snakemake_args=FAST_POLL, poll_interval=0.5
+        )
+        assert orchestrator.start_processing(wait=False)["status"] == "running"
+        _wait_for(orchestrator.log_path, re.compile(r"submitted with SLURM jobid"),
+                  orchestrator._process, timeout=RUN_TIMEOUT)  # fmt: skip
+        run_id = re.search(r"SLURM run ID: (\S+)", orchestrator.log_path.read_text()).group(1)
+        assert _active_jobs(run_id)
+        stopped = orchestrator.stop_processing(timeout=120)
+        assert stopped["status"] == "stopped" and not stopped["killed"]
+        assert _active_jobs(run_id) == ""
+    finally:
+        subprocess.run(["scancel", blocker], check=False)

@@ -656,6 +656,9 @@ class Orchestrator:
         self._stop_requested = True
         pids = _process_tree(process.pid)
         self._signal_group(process, signal.SIGTERM)
+        # On SIGTERM Snakemake waits for its cluster jobs to end; queued ones would outlive it
+        # and race the rerun's jobs for the same outputs. Cancelled, they end now.
+        self._cancel_cluster_jobs()
         killed = False
         try:
             process.wait(timeout=timeout)
@@ -671,6 +674,26 @@ class Orchestrator:
             self._watcher.join(timeout=30.0)
         self._remove_partial_batches()
         return {"stopped_processes": pids, "status": self._status, "killed": killed}
+
+    def _cancel_cluster_jobs(self) -> None:
+        """``scancel --name <run id>``: every SLURM job of this run (its common job name)."""
+        if not self.profile or shutil.which("scancel") is None:
+            return
+        run_id = slurm_run_id(self.log_path)
+        if run_id is None:
+            return
+        cancelled = subprocess.run(
+            ["scancel", "--name", run_id], capture_output=True, text=True, timeout=60
+        )
+        if cancelled.returncode == 0:
+            logger.warning("cancelled this run's SLURM jobs (scancel --name %s)", run_id)
+        else:
+            logger.warning(
+                "could not cancel this run's SLURM jobs (scancel --name %s: %s): cancel them "
+                "before running again",
+                run_id,
+                cancelled.stderr.strip(),
+            )
 
     def _unlock(self) -> None:
         """Remove the Snakemake locks a killed run of ours left, so the next run can start."""
@@ -758,6 +781,20 @@ def executor_plugin_problem(profile: str | os.PathLike | None) -> str | None:
         f"the profile {folder} runs jobs with Snakemake's '{executor}' executor, whose plugin is "
         f"not installed: pip install snakemake-executor-plugin-{executor}{hint}"
     )
+
+
+_SLURM_RUN_ID = re.compile(r"SLURM run ID: ([0-9A-Za-z-]+)")
+
+
+def slurm_run_id(log_path: Path) -> str | None:
+    """The run ID the SLURM executor printed in a Snakemake log (every job of the run has it
+    as its job name), or None."""
+    try:
+        text = Path(log_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = _SLURM_RUN_ID.findall(text)
+    return found[-1] if found else None
 
 
 def resolve_profile(profile: str | os.PathLike) -> str:
