@@ -536,6 +536,53 @@ def test_error_from_log_prefers_the_script_exception(tmp_path):
     assert "CalledProcessError" not in message
 
 
+CLUSTER_RUN_FAILED = (
+    "Submitted job 1 with external jobid '12'.\n"
+    "Trying to restart job 1.\n"
+    "Exiting because a job execution failed. Look above for error messages\n"
+    "WorkflowError:\nAt least one job did not complete successfully.\n"
+)
+
+
+def test_a_cluster_runs_error_comes_from_the_failed_jobs_log(tmp_path):
+    # On a cluster the jobs' output is in the scheduler's files: Snakemake's own log has only
+    # its generic WorkflowError; the rule's log: file has the job's exception.
+    logs = tmp_path / "logs"
+    (logs / "cutout_batch").mkdir(parents=True)
+    (logs / "snakemake.log").write_text(CLUSTER_RUN_FAILED)
+    (logs / "cutout_batch" / "00000_abc.log").write_text("INFO cutout_batch finished in 1 s\n")
+    (logs / "split_catalogue.log").write_text(
+        "ERROR cutana.workflow.split_catalogue: split_catalogue failed\n"
+        "Traceback (most recent call last):\n"
+        '  File "catalogue.py", line 1430, in split_catalogue\n'
+        "cutana.exceptions.CatalogueValidationError: catalogue 'bad.csv' is invalid:\n"
+        "  - column 'RA': value is outside [0, 360) in 1 row: row 2 = '400.0'\n"
+    )
+    message = orchestrator_module.error_from_log(logs / "snakemake.log", job_logs=logs)
+    assert message.startswith("CatalogueValidationError: catalogue 'bad.csv' is invalid:")
+    assert "row 2 = '400.0'" in message and "split_catalogue.log" in message
+    # Job logs older than the run are not this run's.
+    late = time.time() + 60
+    old = orchestrator_module.error_from_log(logs / "snakemake.log", job_logs=logs, since=late)
+    assert old.startswith("WorkflowError")
+
+
+def test_a_cluster_runs_memory_kills_are_named(tmp_path):
+    log = tmp_path / "snakemake.log"
+    log.write_text(CLUSTER_RUN_FAILED)
+    slurm_logs = tmp_path / "slurm_logs" / "rule_cutout_batch" / "00000_abc"
+    slurm_logs.mkdir(parents=True)
+    (slurm_logs / "148.log").write_text(
+        "slurmstepd-vm: error: StepId=148.batch exceeded memory limit (171012096 > 62914560), "
+        "being killed\n"
+    )
+    message = orchestrator_module.error_from_log(
+        log, job_logs=tmp_path / "logs", scheduler_logs=tmp_path / "slurm_logs"
+    )
+    assert message.startswith("1 cluster job(s) were killed for exceeding their memory")
+    assert "148.log" in message and "memory.safety_factor" in message
+
+
 # --------------------------------------------------------------------------- real workflow
 
 # 20 batches: enough jobs for a stop to land mid-run however fast each job is (of 4, a reused

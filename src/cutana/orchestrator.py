@@ -490,7 +490,13 @@ class Orchestrator:
             )
         else:
             status = "failed"
-            error = f"{error_from_log(self.log_path)} (Snakemake log: {self.log_path})"
+            message = error_from_log(
+                self.log_path,
+                job_logs=self.log_path.parent,
+                since=self._start_time or 0.0,
+                scheduler_logs=self.working_directory / ".snakemake" / "slurm_logs",
+            )
+            error = f"{message} (Snakemake log: {self.log_path})"
             if "LockException" in error or "cannot be locked" in error:
                 error += (
                     f"; another run is using {self.output_dir}, or a killed run left its lock: "
@@ -892,6 +898,9 @@ def _wait_for_pids(pids: Sequence[int], timeout: float) -> None:
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception))(?::\s*(.*))?$")
+#: How SLURM reports a job killed for its memory in the job's output.
+_OUT_OF_MEMORY = re.compile(r"exceeded memory limit|OUT_OF_MEMORY|oom[-_ ]kill", re.IGNORECASE)
+
 _SNAKEMAKE_NOISE = (
     "RuleException",
     "Error in rule",
@@ -904,11 +913,20 @@ _SNAKEMAKE_NOISE = (
 )
 
 
-def error_from_log(log_path: Path, max_lines: int = 20) -> str:
+def error_from_log(
+    log_path: Path,
+    max_lines: int = 20,
+    job_logs: Path | None = None,
+    since: float = 0.0,
+    scheduler_logs: Path | None = None,
+) -> str:
     """The most telling error message in a Snakemake console log.
 
     Takes the last Python exception (``SomeError: message`` plus its continuation lines), which
-    is where cutana's validation messages end up; else the tail of the log.
+    is where cutana's validation messages end up; else the tail of the log. When that log has
+    only Snakemake's generic failure (a cluster run: the jobs' output is in the scheduler's
+    files, not in it), the exception of the job logs under ``job_logs`` written since
+    ``since`` is taken instead, with the path of its log.
 
     Parameters
     ----------
@@ -916,6 +934,13 @@ def error_from_log(log_path: Path, max_lines: int = 20) -> str:
         The log written by :class:`Orchestrator`.
     max_lines : int
         Upper bound of lines returned.
+    job_logs : Path, optional
+        The rules' ``log:`` folder.
+    scheduler_logs : Path, optional
+        The cluster executor's job logs (``.snakemake/slurm_logs``): where nothing else names
+        the cause, jobs the scheduler killed for their memory are reported.
+    since : float
+        Only job logs modified at or after this time (seconds since the epoch) count.
 
     Returns
     -------
@@ -927,6 +952,32 @@ def error_from_log(log_path: Path, max_lines: int = 20) -> str:
             lines = handle.read()[-200_000:].splitlines()
     except OSError:
         return "the workflow failed and its log could not be read"
+    found = _last_exception(lines, max_lines)
+    if (found is None or found[1]) and job_logs is not None:
+        for path in _recent_logs(job_logs, since, exclude=Path(log_path)):
+            in_job = _last_exception(_text_or_empty(path).splitlines(), max_lines)
+            if in_job is not None and not in_job[1]:
+                return f"{in_job[0]} (job log: {path})"
+    if (found is None or found[1]) and scheduler_logs is not None:
+        killed = [
+            path
+            for path in _recent_logs(scheduler_logs, since, exclude=Path(log_path))
+            if _OUT_OF_MEMORY.search(_text_or_empty(path))
+        ]
+        if killed:
+            return (
+                f"{len(killed)} cluster job(s) were killed for exceeding their memory (e.g. "
+                f"{killed[0]}): raise memory.safety_factor or memory.min_mb (docs/cluster.md)"
+            )
+    if found is not None:
+        return found[0]
+    tail = [line for line in lines if line.strip()][-max_lines:]
+    return "\n".join(tail) or "the workflow failed without output"
+
+
+def _last_exception(lines: list[str], max_lines: int) -> tuple[str, bool] | None:
+    """The last exception message in ``lines`` (a specific one before Snakemake's generic
+    wrappers) and whether it is generic; None if there is none."""
     # Snakemake's own catch-all wrappers are less specific than the script's exception.
     generic = {"RuleException", "CalledProcessError", "WorkflowError", "IncompleteFilesException"}
     best = None
@@ -936,13 +987,32 @@ def error_from_log(log_path: Path, max_lines: int = 20) -> str:
             is_generic = match.group(1) in generic
             if best is None or not is_generic or best[1]:
                 best = (index, is_generic)
-    if best is not None:
-        start = best[0]
-        message = [lines[start].strip()]
-        for line in lines[start + 1 : start + max_lines]:
-            if not line.strip() or line.lstrip().startswith(_SNAKEMAKE_NOISE):
-                break
-            message.append(line.rstrip())
-        return "\n".join(message).replace("cutana.exceptions.", "")
-    tail = [line for line in lines if line.strip()][-max_lines:]
-    return "\n".join(tail) or "the workflow failed without output"
+    if best is None:
+        return None
+    start = best[0]
+    message = [lines[start].strip()]
+    for line in lines[start + 1 : start + max_lines]:
+        if not line.strip() or line.lstrip().startswith(_SNAKEMAKE_NOISE):
+            break
+        message.append(line.rstrip())
+    return "\n".join(message).replace("cutana.exceptions.", ""), best[1]
+
+
+def _text_or_empty(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _recent_logs(folder: Path, since: float, exclude: Path) -> list[Path]:
+    """``*.log`` files under ``folder`` modified since ``since``, newest first."""
+    found = []
+    for path in Path(folder).rglob("*.log"):
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        if mtime >= since and path.resolve() != exclude.resolve():
+            found.append((mtime, path))
+    return [path for _, path in sorted(found, reverse=True)]

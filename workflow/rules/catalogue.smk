@@ -10,6 +10,8 @@ checkpoint split_catalogue:
         f"{PATHS.logs}/split_catalogue.log",
     benchmark:
         f"{PATHS.benchmarks}/split_catalogue.tsv"
+    # Bad input fails the same way on every attempt: no resubmission (a profile's retries).
+    retries: 0
     conda:
         "../../envs/cutana.yaml"
     resources:
