@@ -936,11 +936,11 @@ def error_from_log(
         Upper bound of lines returned.
     job_logs : Path, optional
         The rules' ``log:`` folder.
+    since : float
+        Only job logs modified at or after this time (seconds since the epoch) count.
     scheduler_logs : Path, optional
         The cluster executor's job logs (``.snakemake/slurm_logs``): where nothing else names
         the cause, jobs the scheduler killed for their memory are reported.
-    since : float
-        Only job logs modified at or after this time (seconds since the epoch) count.
 
     Returns
     -------
@@ -953,12 +953,13 @@ def error_from_log(
     except OSError:
         return "the workflow failed and its log could not be read"
     found = _last_exception(lines, max_lines)
-    if (found is None or found[1]) and job_logs is not None:
+    only_generic = found is None or found[1]
+    if only_generic and job_logs is not None:
         for path in _recent_logs(job_logs, since, exclude=Path(log_path)):
             in_job = _last_exception(_text_or_empty(path).splitlines(), max_lines)
             if in_job is not None and not in_job[1]:
                 return f"{in_job[0]} (job log: {path})"
-    if (found is None or found[1]) and scheduler_logs is not None:
+    if only_generic and scheduler_logs is not None:
         killed = [
             path
             for path in _recent_logs(scheduler_logs, since, exclude=Path(log_path))
