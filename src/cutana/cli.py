@@ -134,7 +134,7 @@ def _load_config(path: str) -> dict:
 def run_command(args: argparse.Namespace, snakemake_args: Sequence[str]) -> int:
     """``cutana run``: validate the config, run the workflow with a progress bar."""
     from .exceptions import CutanaError
-    from .orchestrator import RESULT_RECORD, Orchestrator
+    from .orchestrator import Orchestrator
 
     try:
         raw = _load_config(args.config)
@@ -157,10 +157,8 @@ def run_command(args: argparse.Namespace, snakemake_args: Sequence[str]) -> int:
         return EXIT_USAGE
 
     # The results dict's error is printed below: the Orchestrator's log record of it would
-    # say it twice.
-    logging.getLogger("cutana.orchestrator").addFilter(
-        lambda record: not getattr(record, RESULT_RECORD, False)
-    )
+    # say it twice. (One filter object: adding it again, for another run, is a no-op.)
+    logging.getLogger("cutana.orchestrator").addFilter(_drop_result_records)
     print(f"cutana: output in {orchestrator.output_dir}", file=sys.stderr)
     interrupted = False
     try:
@@ -178,6 +176,12 @@ def run_command(args: argparse.Namespace, snakemake_args: Sequence[str]) -> int:
     if interrupted or result["status"] == "stopped":
         return EXIT_INTERRUPTED
     return EXIT_OK if result["status"] == "completed" else EXIT_FAILED
+
+
+def _drop_result_records(record: logging.LogRecord) -> bool:
+    from .orchestrator import RESULT_RECORD
+
+    return not getattr(record, RESULT_RECORD, False)
 
 
 def _format_seconds(seconds: float | None) -> str:
